@@ -1,0 +1,1 @@
+"""backdoor_lab."""

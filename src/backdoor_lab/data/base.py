@@ -1,0 +1,154 @@
+"""Clean data of one task, as the attack and the DataModule see it.
+
+Every task (traffic signs, speech, faces; built-in or real) is a ``DataSource`` that returns three
+disjoint ``RawSplit`` objects: ``train`` (the trainer's, later poisoned), ``val`` (the defender's clean
+data) and ``test``. Samples stay in their raw domain (uint8 HWC images, float32 waveforms) so that a
+trigger is applied where a real attacker would apply it, before any feature transform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RawSplit:
+    """One split of raw samples.
+
+    Attributes:
+        inputs: raw samples, ``uint8`` (N, H, W, C) images or ``float32`` (N, T) waveforms.
+        labels: ``int64`` (N,) class indices.
+        regions: optional ``float32`` (N, 4) boxes ``(x0, y0, x1, y1)`` in pixels that anchor a trigger
+            (the sign's box for a sticker, the eye band for sunglasses).
+        groups: optional ``int64`` (N,) group ids (speaker, voice, identity session) for group-disjoint splits.
+        sample_ids: ``int64`` (N,) ids unique across the splits of one source; they make disjointness testable.
+    """
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    sample_ids: np.ndarray
+    regions: np.ndarray | None = None
+    groups: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.inputs)
+        for name in ("labels", "sample_ids", "regions", "groups"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"RawSplit.{name} has {len(value)} rows but inputs has {n}")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def subset(self, index: np.ndarray) -> RawSplit:
+        """The rows at ``index``, every field kept aligned."""
+        pick = (lambda a: None if a is None else a[index])
+        return RawSplit(
+            inputs=self.inputs[index],
+            labels=self.labels[index],
+            sample_ids=self.sample_ids[index],
+            regions=pick(self.regions),
+            groups=pick(self.groups),
+        )
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """A task's clean data: class names, three disjoint splits, and the transform to model inputs."""
+
+    name: str
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+    def load(self) -> dict[str, RawSplit]:
+        """Return ``{"train", "val", "test"}`` splits, disjoint by ``sample_ids``."""
+        ...
+
+    def to_tensor(self, inputs: np.ndarray) -> torch.Tensor:
+        """Turn a batch of raw samples into model inputs (float32, N x C x H x W)."""
+        ...
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (keep, holdout) with ``fraction`` of every class held out, chosen by ``seed``."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    keep, hold = [], []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_hold = max(1, int(round(fraction * len(idx)))) if len(idx) > 1 else 0
+        hold.append(idx[:n_hold])
+        keep.append(idx[n_hold:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(hold))
+
+
+def config_digest(params: dict) -> str:
+    """A short stable hash of generator parameters, used to name cache files."""
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cached_splits(
+    cache_dir: str | os.PathLike, stem: str, params: dict, build: Callable[[], dict[str, RawSplit]]
+) -> dict[str, RawSplit]:
+    """Load splits from ``<cache_dir>/<stem>-<digest>.npz`` or build and store them atomically.
+
+    The digest covers every generator parameter, so a changed setting never reads a stale cache, and the
+    write goes through a temporary file so an interrupted render leaves nothing half-written behind.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    path = cache_dir / f"{stem}-{config_digest(params)}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as blob:
+            return _unpack(blob)
+    splits = build()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **_pack(splits))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return splits
+
+
+def _pack(splits: dict[str, RawSplit]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for split, data in splits.items():
+        for field in ("inputs", "labels", "sample_ids", "regions", "groups"):
+            value = getattr(data, field)
+            if value is not None:
+                out[f"{split}/{field}"] = value
+    return out
+
+
+def _unpack(blob: np.lib.npyio.NpzFile) -> dict[str, RawSplit]:
+    splits: dict[str, dict[str, np.ndarray]] = {}
+    for key in blob.files:
+        split, field = key.split("/")
+        splits.setdefault(split, {})[field] = blob[key]
+    return {split: RawSplit(**fields) for split, fields in splits.items()}
+
+
+def images_to_tensor(images: np.ndarray, mean: float = 0.5, std: float = 0.25) -> torch.Tensor:
+    """uint8 (N, H, W, C) images -> normalized float32 (N, C, H, W)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    return x.sub_(mean).div_(std)
