@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from backdoor_lab.defenses.pruning import fold_prune_masks
+
 log = logging.getLogger(__name__)
 
 RUN_DONE_MARKER = "metrics.json"  # a training run writes it last: its checkpoints are complete
@@ -21,9 +23,7 @@ RUN_DONE_MARKER = "metrics.json"  # a training run writes it last: its checkpoin
 def newest_checkpoint(train_dir: str | Path, name: str = "last.ckpt") -> Path:
     """The newest ``checkpoints/<name>`` of a finished run under ``train_dir`` (searched recursively)."""
     train_dir = Path(train_dir)
-    found = [
-        p for p in train_dir.glob(f"**/checkpoints/{name}") if (p.parent.parent / RUN_DONE_MARKER).exists()
-    ]
+    found = [p for p in train_dir.glob(f"**/checkpoints/{name}") if (p.parent.parent / RUN_DONE_MARKER).exists()]
     if not found:
         raise FileNotFoundError(
             f"no finished training run with checkpoints/{name} under {train_dir}; run train.py with the same "
@@ -54,23 +54,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return fold_prune_masks(dict(state))
 
 
-def fold_prune_masks(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Turn ``x_orig``/``x_mask`` pairs left by ``torch.nn.utils.prune`` into plain masked ``x`` tensors."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith("_orig"):
-            base = key[: -len("_orig")]
-            out[base] = value * state[base + "_mask"]
-        elif not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state:
-            out[key] = value
-    return out
-
-
 def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
     """Load a checkpoint into ``module`` strictly; a shape or key mismatch names the checkpoint."""
     state = read_state_dict(path)
     if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

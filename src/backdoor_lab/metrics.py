@@ -23,7 +23,9 @@ class AttackSuccessRate(Metric):
         self.add_state("hits", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
-    def update(self, preds: torch.Tensor, attack_targets: torch.Tensor, true_labels: torch.Tensor | None = None) -> None:
+    def update(
+        self, preds: torch.Tensor, attack_targets: torch.Tensor, true_labels: torch.Tensor | None = None
+    ) -> None:
         if preds.ndim == 2:
             preds = preds.argmax(dim=1)
         if preds.shape != attack_targets.shape:

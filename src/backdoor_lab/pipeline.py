@@ -13,7 +13,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,9 +50,8 @@ def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dic
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.paths.output_dir)
+    """This run's folder: ``paths.run_dir`` (Hydra's output dir unless a caller sets it)."""
+    return Path(cfg.paths.run_dir)
 
 
 def build_datamodule(cfg: DictConfig, fit_on: str = "poisoned") -> BackdoorDataModule:
@@ -116,8 +114,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test = _test_metrics(trainer, model, dm)
     metrics = {**test, "data": dm.summary, "task": f"{cfg.data.name}-{cfg.attack.name}", "seed": cfg.seed}
     write_json(out / "metrics.json", metrics)
-    log.info("Backdoored model: clean accuracy %.4f, attack success rate %.4f -> %s", test["clean_acc"],
-             test["asr"], out / "metrics.json")
+    log.info(
+        "Backdoored model: clean accuracy %.4f, attack success rate %.4f -> %s",
+        test["clean_acc"],
+        test["asr"],
+        out / "metrics.json",
+    )
     return metrics
 
 
@@ -189,7 +191,9 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
         metrics["prune_curve"] = callback.prune_curve
         write_curve_csv(out / "prune_curve.csv", callback.prune_curve)
         plot_prune_curve(
-            out / "prune_curve.png", callback.prune_curve, callback.pruned_fraction,
+            out / "prune_curve.png",
+            callback.prune_curve,
+            callback.pruned_fraction,
             title=f"{metrics['task']}: pruning {callback.layer_name} on clean val data",
         )
         callback.remove_reparametrization(model)

@@ -55,9 +55,7 @@ class AllToOne(LabelMapping):
 
     def _check_disjoint(self) -> None:
         if self.source_classes is not None and self.target_class in self.source_classes:
-            raise ValueError(
-                f"target_class {self.target_class} is also a source class; drop it from source_classes"
-            )
+            raise ValueError(f"target_class {self.target_class} is also a source class; drop it from source_classes")
 
     def bind(self, class_names: list[str]) -> AllToOne:
         self.target_class = resolve_class(self.target_class, class_names, "target_class")

@@ -54,7 +54,10 @@ class RawSplit:
 
     def subset(self, index: np.ndarray) -> RawSplit:
         """The rows at ``index``, every field kept aligned."""
-        pick = (lambda a: None if a is None else a[index])
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[index]
+
         return RawSplit(
             inputs=self.inputs[index],
             labels=self.labels[index],

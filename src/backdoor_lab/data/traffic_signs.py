@@ -56,7 +56,10 @@ def _speed_limit(value: str) -> Callable[[ImageDraw.ImageDraw], None]:
 def _stop(d: ImageDraw.ImageDraw) -> None:
     r = CANVAS / 2 - 4
     pts = [
-        (CANVAS / 2 + r * math.cos(math.pi / 8 + k * math.pi / 4), CANVAS / 2 + r * math.sin(math.pi / 8 + k * math.pi / 4))
+        (
+            CANVAS / 2 + r * math.cos(math.pi / 8 + k * math.pi / 4),
+            CANVAS / 2 + r * math.sin(math.pi / 8 + k * math.pi / 4),
+        )
         for k in range(8)
     ]
     d.polygon(pts, fill=WHITE)
@@ -106,7 +109,10 @@ def _arrow(angle_deg: float) -> Callable[[ImageDraw.ImageDraw], None]:
         _circle(d, BLUE)
         shaft = [(-26, -7), (10, -7), (10, -20), (34, 0), (10, 20), (10, 7), (-26, 7)]
         a = math.radians(angle_deg)
-        pts = [(CANVAS / 2 + x * math.cos(a) - y * math.sin(a), CANVAS / 2 + x * math.sin(a) + y * math.cos(a)) for x, y in shaft]
+        pts = [
+            (CANVAS / 2 + x * math.cos(a) - y * math.sin(a), CANVAS / 2 + x * math.sin(a) + y * math.cos(a))
+            for x, y in shaft
+        ]
         d.polygon(pts, fill=WHITE)
 
     return draw
@@ -197,7 +203,7 @@ class SignRenderer:
         # Perspective: each template corner moves independently by a few percent of the sign size.
         half = scale / 2
         corners = np.array([[-half, -half], [half, -half], [half, half], [-half, half]])
-        corners *= (1 + rng.uniform(-0.1, 0.1, size=(1, 2)))  # aspect change (viewing angle)
+        corners *= 1 + rng.uniform(-0.1, 0.1, size=(1, 2))  # aspect change (viewing angle)
         corners += rng.normal(0, 0.035 * scale, size=corners.shape)
         rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         dst = corners @ rot.T + np.array([cx, cy])
@@ -301,8 +307,13 @@ class SyntheticTrafficSigns:
         return self._class_names
 
     def load(self) -> dict[str, RawSplit]:
-        params = {"seed": self.seed, "size": self.image_size, "counts": self.counts, "classes": self._class_names,
-                  "version": 1}
+        params = {
+            "seed": self.seed,
+            "size": self.image_size,
+            "counts": self.counts,
+            "classes": self._class_names,
+            "version": 1,
+        }
         return cached_splits(self.cache_dir, "signs", params, self._render_all)
 
     def _render_all(self) -> dict[str, RawSplit]:
@@ -396,8 +407,14 @@ class GTSRBSigns:
             ) from err
         # torchvision numbers training folders by sorted position; the folder name is GTSRB's class id.
         train_samples = [(path, int(Path(path).parent.name)) for path, _ in train._samples]
-        params = {"root": str(self.root.resolve()), "size": self.image_size, "val": self.val_fraction,
-                  "seed": self.seed, "n": [len(train_samples), len(test._samples)], "version": 1}
+        params = {
+            "root": str(self.root.resolve()),
+            "size": self.image_size,
+            "val": self.val_fraction,
+            "seed": self.seed,
+            "n": [len(train_samples), len(test._samples)],
+            "version": 1,
+        }
         return cached_splits(self.cache_dir, "gtsrb", params, lambda: self._read(train_samples, test._samples))
 
     def _read(self, train_samples: list, test_samples: list) -> dict[str, RawSplit]:
@@ -411,8 +428,10 @@ class GTSRBSigns:
                     images[i] = np.asarray(img.convert("RGB").resize((self.image_size, self.image_size)))
                 labels[i] = label
             margin = max(0.1 * self.image_size, 5 * self.image_size / 50)  # 10%, >= 5 px of a ~50 px crop
-            boxes = np.tile(np.array([margin, margin, self.image_size - margin, self.image_size - margin],
-                                     dtype=np.float32), (len(samples), 1))
+            boxes = np.tile(
+                np.array([margin, margin, self.image_size - margin, self.image_size - margin], dtype=np.float32),
+                (len(samples), 1),
+            )
             ids = np.arange(offset, offset + len(samples), dtype=np.int64)
             return RawSplit(inputs=images, labels=labels, sample_ids=ids, regions=boxes)
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from backdoor_lab.defenses.pruning import (
     ChannelActivation,
     EvalCounts,
+    fold_prune_masks,
     make_permanent,
     masked_modules,
     prune_schedule,
@@ -110,15 +111,22 @@ class FinePruningCallback(Callback):
         self.layer_name, _ = resolve_layer(pl_module, self.layer)  # fail early on a bad name
         if self.activation_layer is not None and self.activation_layer not in dict(pl_module.named_modules()):
             raise MisconfigurationException(f"activation_layer {self.activation_layer!r} is not in the model")
-        if stage == "fit" and trainer.ckpt_path and self._checkpoint_has_masks(trainer.ckpt_path):
-            # Resuming: install the prune reparametrization so the checkpoint's masks load into it.
-            set_channel_mask(self._modules(pl_module), torch.ones(self._conv(pl_module).out_channels))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.pruned:
+        if self.pruned:  # resumed from a checkpoint: re-install the recorded mask, do not prune again
+            self._apply_mask(pl_module)
             log.info("FinePruning: resumed with %d channels of %s pruned", len(self.pruned_channels), self.layer_name)
             return
         self.prune(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Save plain weights (masked channels zero): any copy of the model loads them, pruned or not.
+
+        The mask itself is ``pruned_channels`` in this callback's state, re-installed when a fit resumes.
+        """
+        if self.pruned and "state_dict" in checkpoint:
+            prefixes = [f"{name}." for name, _ in masked_modules(pl_module, self.layer_name)]
+            checkpoint["state_dict"] = fold_prune_masks(checkpoint["state_dict"], prefixes)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -174,8 +182,12 @@ class FinePruningCallback(Callback):
         keep_count = 0 if limit is None else limit
         baseline = None
         stopped = False
-        bar = tqdm(schedule, desc=f"Pruning {self.layer_name}", disable=not (self.progress and trainer.is_global_zero),
-                   leave=False)
+        bar = tqdm(
+            schedule,
+            desc=f"Pruning {self.layer_name}",
+            disable=not (self.progress and trainer.is_global_zero),
+            leave=False,
+        )
         for k in bar:
             keep = torch.ones(n, dtype=torch.bool)
             keep[order[:k]] = False
@@ -200,9 +212,7 @@ class FinePruningCallback(Callback):
         # All processes must end on the same mask, whatever rounding they saw.
         keep_count = int(strategy.broadcast(keep_count, src=0))
         self.pruned_channels = [int(c) for c in order[:keep_count]]
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[self.pruned_channels] = False
-        set_channel_mask(modules, keep)
+        self._apply_mask(pl_module)
         self.pruned = True
         self._log_result(trainer, baseline)
 
@@ -211,6 +221,11 @@ class FinePruningCallback(Callback):
         make_permanent(self._modules(pl_module))
 
     # ----------------------------------------------------------------- helpers
+    def _apply_mask(self, pl_module: L.LightningModule) -> None:
+        keep = torch.ones(self._conv(pl_module).out_channels, dtype=torch.bool)
+        keep[self.pruned_channels] = False
+        set_channel_mask(self._modules(pl_module), keep)
+
     def _conv(self, pl_module: L.LightningModule) -> torch.nn.Conv2d:
         self.layer_name, conv = resolve_layer(pl_module, self.layer_name or self.layer)
         return conv
@@ -253,10 +268,6 @@ class FinePruningCallback(Callback):
             return dm.triggered_val_dataloader()
         return None
 
-    def _checkpoint_has_masks(self, ckpt_path: str) -> bool:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        return any(key.endswith(f"{self.layer_name}.weight_mask") for key in checkpoint.get("state_dict", {}))
-
     def _log_result(self, trainer: L.Trainer, baseline: float | None) -> None:
         final = next((p for p in self.prune_curve if p["pruned"] == len(self.pruned_channels)), None)
         summary = {"prune/pruned_fraction": self.pruned_fraction, "prune/val_clean_acc_before": baseline}
@@ -267,10 +278,15 @@ class FinePruningCallback(Callback):
                 summary["prune/val_asr_after"] = final["asr"]
         log.info(
             "FinePruning: pruned %d/%d channels of %s (%.1f%%)",
-            len(self.pruned_channels), self.num_channels, self.layer_name, 100 * self.pruned_fraction,
+            len(self.pruned_channels),
+            self.num_channels,
+            self.layer_name,
+            100 * self.pruned_fraction,
         )
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in summary.items() if v is not None}, step=trainer.global_step)
             if hasattr(logger, "log_table"):  # W&B: the whole curve as a table, drawable as a line plot
                 columns = ["pruned", "fraction", "clean_acc", "asr"]
-                logger.log_table("prune_curve", columns=columns, data=[[p[c] for c in columns] for p in self.prune_curve])
+                logger.log_table(
+                    "prune_curve", columns=columns, data=[[p[c] for c in columns] for p in self.prune_curve]
+                )

@@ -78,8 +78,27 @@ def set_channel_mask(modules: Iterable[nn.Module], keep: Tensor) -> None:
             mask = keep.to(current.device).view(shape).expand_as(current).to(current.dtype)
             if prune.is_pruned(module) and hasattr(module, param + "_mask"):
                 getattr(module, param + "_mask").copy_(mask)
+                # prune's hook refreshes the masked tensor only at the next forward; keep it current now.
+                with torch.no_grad():
+                    setattr(module, param, current * getattr(module, param + "_mask"))
             else:
                 prune.custom_from_mask(module, param, mask)
+
+
+def fold_prune_masks(state: dict[str, Tensor], prefixes: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Turn ``x_orig``/``x_mask`` pairs of ``torch.nn.utils.prune`` into plain masked ``x`` tensors.
+
+    ``prefixes`` limits folding to the named modules (``"net.conv5."``); None folds every pair.
+    """
+    out = {}
+    for key, value in state.items():
+        selected = prefixes is None or any(key.startswith(p) for p in prefixes)
+        if selected and key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state:
+            base = key[: -len("_orig")]
+            out[base] = value * state[base + "_mask"]
+        elif not (selected and key.endswith("_mask") and key[: -len("_mask")] + "_orig" in state):
+            out[key] = value
+    return out
 
 
 def make_permanent(modules: Iterable[nn.Module]) -> None:

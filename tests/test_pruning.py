@@ -1,0 +1,234 @@
+"""Ranking, masking, stop rule and rollback of FinePruningCallback on a network whose answer is known."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from backdoor_lab import FinePruningCallback
+from backdoor_lab.defenses.pruning import (
+    ChannelActivation,
+    fold_prune_masks,
+    following_batchnorm,
+    prune_schedule,
+    resolve_layer,
+    set_channel_mask,
+)
+
+
+class KnownNet(nn.Module):
+    """conv (1x1, 4 channels) -> ReLU -> mean -> linear, with hand-set weights.
+
+    Channel 0 is dead (activation 0), channel 1 weakly on (0.1) but unused, channel 2 (mean 0.5) carries the
+    class, channel 3 is strongly on (3.0) but unused. Pruning order must be 0, 1, 2, 3, and pruning channel 2
+    drops accuracy from 100% to 50%.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]).view(4, 1, 1, 1))
+            self.features[0].bias.copy_(torch.tensor([-1.0, 0.1, 0.0, 3.0]))
+            self.head.weight.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 10.0, 0.0]]))
+            self.head.bias.copy_(torch.tensor([0.0, -5.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def known_data(n: int = 64) -> TensorDataset:
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    x = sign.view(n, 1, 1, 1).expand(n, 1, 2, 2).clone()
+    y = (sign > 0).long()
+    return TensorDataset(x, y)
+
+
+class PlainModule(L.LightningModule):
+    """A LightningModule that knows nothing of backdoor_lab: (inputs, targets) batches, logits out."""
+
+    def __init__(self, lr: float = 0.0) -> None:
+        super().__init__()
+        self.net = KnownNet()
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def train_dataloader(self):
+        return DataLoader(known_data(), batch_size=16, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(known_data(), batch_size=16)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _trainer(tmp_path, callback, epochs: int = 0, **kw) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def test_stop_rule_prunes_dormant_channels_and_rolls_back(tmp_path) -> None:
+    module = PlainModule()
+    cb = FinePruningCallback(layer="net.features.0", max_accuracy_drop=0.04, step=1, full_curve=False)
+    _trainer(tmp_path, cb).fit(module)
+    assert cb.pruned_channels == [0, 1]  # channel 2 failed the threshold: rolled back to the mask before it
+    assert [p["pruned"] for p in cb.prune_curve] == [0, 1, 2, 3]  # stopped at the first failure
+    assert cb.prune_curve[3]["clean_acc"] == pytest.approx(0.5)
+    assert cb.channel_activation == pytest.approx([0.0, 0.1, 0.5, 3.0])
+    conv = module.net.features[0]
+    assert conv.weight_mask[:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert conv.bias_mask.tolist() == [0.0, 0.0, 1.0, 1.0]
+    module.eval()
+    x = known_data().tensors[0]
+    with torch.no_grad():
+        acts = module.net.features(x)
+    assert acts[:, :2].abs().max() == 0 and acts[:, 3].min().item() == pytest.approx(3.0)
+    assert (module(x).argmax(1) == known_data().tensors[1]).float().mean() == 1.0
+
+
+def test_full_curve_measures_past_the_stop_but_keeps_the_passing_mask(tmp_path) -> None:
+    cb = FinePruningCallback(layer="net.features.0", step=1, full_curve=True)
+    _trainer(tmp_path, cb).fit(PlainModule())
+    assert [p["pruned"] for p in cb.prune_curve] == [0, 1, 2, 3]
+    assert cb.pruned_channels == [0, 1]
+
+
+def test_prune_ratio_prunes_exactly_that_fraction_of_least_active_channels(tmp_path) -> None:
+    module = PlainModule()
+    cb = FinePruningCallback(prune_ratio=0.75, step=1)  # layer=None: the last (only) Conv2d
+    _trainer(tmp_path, cb).fit(module)
+    assert cb.layer_name == "net.features.0"
+    assert cb.pruned_channels == [0, 1, 2] and cb.pruned_fraction == 0.75
+    assert int((module.net.features[0].bias_mask == 0).sum()) == 3
+
+
+def test_fine_tuning_keeps_masked_channels_at_zero(tmp_path) -> None:
+    module = PlainModule(lr=0.5)
+    cb = FinePruningCallback(prune_ratio=0.5, step=1)
+    _trainer(tmp_path, cb, epochs=3).fit(module)
+    conv = module.net.features[0]
+    assert conv.weight[:2].abs().max() == 0 and conv.bias[:2].abs().max() == 0
+    assert conv.weight_orig.grad is None or conv.weight_orig.grad[:2].abs().max() == 0
+    cb.remove_reparametrization(module)
+    assert not hasattr(conv, "weight_mask") and conv.bias[:2].abs().max() == 0
+
+
+def test_explicit_dataloader_and_no_validation_loop(tmp_path) -> None:
+    class NoVal(PlainModule):
+        val_dataloader = None
+
+    cb = FinePruningCallback(step=1, clean_dataloader=DataLoader(known_data(), batch_size=8))
+    _trainer(tmp_path, cb).fit(NoVal())
+    assert cb.pruned_channels == [0, 1]
+
+
+def test_resumed_fit_restores_masks_and_record(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = PlainModule(lr=0.1)
+    cb = FinePruningCallback(prune_ratio=0.5, step=1)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0)
+    L.Trainer(
+        max_epochs=1, callbacks=[cb, ckpt_cb], logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    ).fit(module)
+    last = tmp_path / "ck" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert "net.features.0.weight_mask" not in state, "checkpoints hold plain weights"
+    assert state["net.features.0.bias"][:2].abs().max() == 0 and state["net.features.0.bias"][3] != 0
+
+    resumed_module = PlainModule(lr=0.1)
+    resumed_cb = FinePruningCallback(prune_ratio=0.5, step=1)
+    resumed_cb.prune = lambda *a, **k: pytest.fail("a resumed fine-tuning must not prune again")
+    L.Trainer(
+        max_epochs=2,
+        callbacks=[resumed_cb, ModelCheckpoint(dirpath=tmp_path / "ck2")],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    ).fit(resumed_module, ckpt_path=last)
+    assert resumed_cb.pruned_channels == cb.pruned_channels
+    assert resumed_cb.prune_curve == cb.prune_curve
+    assert resumed_module.net.features[0].bias_mask.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_unknown_layer_lists_conv_layers(tmp_path) -> None:
+    cb = FinePruningCallback(layer="net.nope")
+    with pytest.raises(ValueError, match=r"conv layers are: \['net.features.0'\]"):
+        _trainer(tmp_path, cb).fit(PlainModule())
+    with pytest.raises(ValueError, match="not a Conv2d"):
+        resolve_layer(PlainModule(), "net.head")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prune_ratio": 1.0}, "prune_ratio"),
+        ({"prune_ratio": -0.1}, "prune_ratio"),
+        ({"max_accuracy_drop": -0.01}, "max_accuracy_drop"),
+        ({"step": 0}, "step"),
+    ],
+)
+def test_bad_arguments_are_rejected_at_construction(kwargs, match) -> None:
+    with pytest.raises(MisconfigurationException, match=match):
+        FinePruningCallback(**kwargs)
+
+
+def test_batchnorm_after_the_conv_is_masked_too() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
+    with torch.no_grad():
+        net[1].running_mean.fill_(-2.0)  # a zero conv output would come out of BN as a positive shift
+        net[1].bias.fill_(1.0)
+    net.eval()
+    assert following_batchnorm(net, "0")[0] == "1"
+    keep = torch.tensor([True, False, True, False, True, True])
+    set_channel_mask([net[0], net[1]], keep)
+    out = net(torch.randn(4, 3, 8, 8))
+    assert out[:, [1, 3]].abs().max() == 0 and out[:, [0, 2]].abs().max() > 0
+
+
+def test_mask_rewrite_is_exact_rollback() -> None:
+    conv = nn.Conv2d(2, 4, 3)
+    original = conv.weight.detach().clone()
+    set_channel_mask([conv], torch.tensor([False, False, True, True]))
+    set_channel_mask([conv], torch.tensor([True, True, True, False]))
+    assert torch.equal(conv.weight[:3], original[:3]) and conv.weight[3].abs().max() == 0
+    folded = fold_prune_masks(conv.state_dict())
+    assert set(folded) == {"weight", "bias"} and folded["weight"][3].abs().max() == 0
+
+
+def test_channel_activation_is_a_running_mean_of_rectified_output() -> None:
+    conv = nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        conv.bias.zero_()
+    rec = ChannelActivation(conv)
+    conv(torch.ones(3, 1, 2, 2))
+    conv(-torch.ones(1, 1, 2, 2))
+    rec.close()
+    assert (rec.sum / rec.count).tolist() == pytest.approx([0.75, 0.25])
+
+
+def test_schedule_ends_exactly_at_the_limit_and_never_prunes_every_channel() -> None:
+    assert prune_schedule(10, 3) == [0, 3, 6, 9]
+    assert prune_schedule(10, 4, limit=5) == [0, 4, 5]
+    assert prune_schedule(256, 4)[-1] == 255
