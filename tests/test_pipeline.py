@@ -81,13 +81,19 @@ def test_train_then_fine_prune_writes_all_results(tmp_path: Path) -> None:
     weights = read_state_dict(out / "defended.safetensors")
     pruned = saved["pruned_channels"]
     if pruned:
-        assert weights["net.conv5.weight"][pruned].abs().max() == 0 and weights["net.conv5.bias"][pruned].abs().max() == 0
+        assert (
+            weights["net.conv5.weight"][pruned].abs().max() == 0 and weights["net.conv5.bias"][pruned].abs().max() == 0
+        )
 
 
 def test_fixed_prune_ratio_and_pruning_alone(tmp_path: Path) -> None:
     train(_compose("train", tmp_path, "run1", TINY_SIGNS))
-    cfg = _compose("defend", tmp_path, "d1", [*TINY_SIGNS, "defense=pruning", "defense.prune_ratio=0.5",
-                                              "defense.full_curve=false", "defense.step=64"])
+    cfg = _compose(
+        "defend",
+        tmp_path,
+        "d1",
+        [*TINY_SIGNS, "defense=pruning", "defense.prune_ratio=0.5", "defense.full_curve=false", "defense.step=64"],
+    )
     metrics = defend(cfg)
     assert metrics["pruned_fraction"] == 0.5 and len(metrics["pruned_channels"]) == 128
     assert metrics["fine_tune_epochs"] == 0
@@ -96,10 +102,12 @@ def test_fixed_prune_ratio_and_pruning_alone(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "override, error, match",
-    [("defense.prune_ratio=1.0", MisconfigurationException, "prune_ratio"),
-     ("defense.max_accuracy_drop=-0.1", MisconfigurationException, "max_accuracy_drop"),
-     ("ckpt_path=/nonexistent/model.ckpt", FileNotFoundError, "/nonexistent/model.ckpt"),
-     ("defense.layer=net.fc", ValueError, r"conv layers are: \['net.conv1'")],
+    [
+        ("defense.prune_ratio=1.0", MisconfigurationException, "prune_ratio"),
+        ("defense.max_accuracy_drop=-0.1", MisconfigurationException, "max_accuracy_drop"),
+        ("ckpt_path=/nonexistent/model.ckpt", FileNotFoundError, "/nonexistent/model.ckpt"),
+        ("defense.layer=net.fc", ValueError, r"conv layers are: \['net.conv1'"),
+    ],
 )
 def test_defend_rejects_bad_input_early(override: str, error: type, match: str, tmp_path: Path) -> None:
     ckpt = tmp_path / "plain.pt"
@@ -139,21 +147,47 @@ def test_results_are_never_overwritten(tmp_path: Path) -> None:
 
 def _cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_train_and_defend_sweep_over_prune_ratios(tmp_path: Path) -> None:
     common = [*TINY_SIGNS, f"paths.output_dir={tmp_path}/outputs", "threads=1"]
     done = _cli("train.py", *common, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    sweep = _cli("defend.py", "-m", "defense.prune_ratio=0.25,0.5", "defense.fine_tune_epochs=1",
-                 "defense.full_curve=false", "defense.step=64", *common, cwd=tmp_path)
+    sweep = _cli(
+        "defend.py",
+        "-m",
+        "defense.prune_ratio=0.25,0.5",
+        "defense.fine_tune_epochs=1",
+        "defense.full_curve=false",
+        "defense.step=64",
+        *common,
+        cwd=tmp_path,
+    )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     summaries = list((tmp_path / "outputs" / "defend" / "signs-badnets").glob("multirun-*/summary.csv"))
     assert len(summaries) == 1
     rows = list(csv.DictReader(summaries[0].open()))
     assert sorted((float(r["defense.prune_ratio"]), float(r["pruned_fraction"])) for r in rows) == [
-        (0.25, 0.25), (0.5, 0.5)]
+        (0.25, 0.25),
+        (0.5, 0.5),
+    ]
     assert (summaries[0].parent / "summary.png").is_file()
     assert "Defending the newest checkpoint" in sweep.stderr + sweep.stdout
+
+
+def test_wandb_logger_runs_offline_and_is_closed(tmp_path: Path) -> None:
+    import wandb
+
+    train(_compose("train", tmp_path, "run1", TINY_SIGNS))
+    cfg = _compose(
+        "defend", tmp_path, "d1", [*TINY_SIGNS, "logger=many", "defense.step=128", "defense.fine_tune_epochs=1"]
+    )
+    defend(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert wandb.run is None, "task_wrapper must finish the W&B run so that multirun jobs do not share one"

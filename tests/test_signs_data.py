@@ -36,8 +36,9 @@ def test_classes_include_stop_and_speed_limits() -> None:
 
 
 def test_synthetic_splits_are_disjoint_cached_and_balanced(tmp_path) -> None:
-    src = SyntheticTrafficSigns(cache_dir=str(tmp_path), train_per_class=3, val_per_class=2, test_per_class=2,
-                                progress=False)
+    src = SyntheticTrafficSigns(
+        cache_dir=str(tmp_path), train_per_class=3, val_per_class=2, test_per_class=2, progress=False
+    )
     splits = src.load()
     assert {k: len(v) for k, v in splits.items()} == {"train": 54, "val": 36, "test": 36}
     ids = [set(s.sample_ids.tolist()) for s in splits.values()]
@@ -45,18 +46,21 @@ def test_synthetic_splits_are_disjoint_cached_and_balanced(tmp_path) -> None:
     assert np.bincount(splits["train"].labels).tolist() == [3] * 18
     cache_files = list(tmp_path.glob("signs-*.npz"))
     assert len(cache_files) == 1
-    again = SyntheticTrafficSigns(cache_dir=str(tmp_path), train_per_class=3, val_per_class=2, test_per_class=2,
-                                  progress=False).load()
+    again = SyntheticTrafficSigns(
+        cache_dir=str(tmp_path), train_per_class=3, val_per_class=2, test_per_class=2, progress=False
+    ).load()
     np.testing.assert_array_equal(again["test"].inputs, splits["test"].inputs)
-    other_seed = SyntheticTrafficSigns(cache_dir=str(tmp_path), seed=1, train_per_class=3, val_per_class=2,
-                                       test_per_class=2, progress=False).load()
+    other_seed = SyntheticTrafficSigns(
+        cache_dir=str(tmp_path), seed=1, train_per_class=3, val_per_class=2, test_per_class=2, progress=False
+    ).load()
     assert not np.array_equal(other_seed["test"].inputs, splits["test"].inputs)
     assert len(list(tmp_path.glob("signs-*.npz"))) == 2 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_datamodule_splits_and_triggered_sets(tmp_path) -> None:
-    src = SyntheticTrafficSigns(cache_dir=str(tmp_path), train_per_class=4, val_per_class=3, test_per_class=3,
-                                progress=False)
+    src = SyntheticTrafficSigns(
+        cache_dir=str(tmp_path), train_per_class=4, val_per_class=3, test_per_class=3, progress=False
+    )
     dm = BackdoorDataModule(src, StickerTrigger(), AllToOne("speed_limit_30", ["stop"]), poison_rate=0.5, seed=0)
     dm.setup()
     stop, limit = src.class_names.index("stop"), src.class_names.index("speed_limit_30")
@@ -94,8 +98,9 @@ def _write_gtsrb(root, classes=(1, 14, 33), per_class=6, test_per_class=3) -> No
 
 def test_gtsrb_reads_its_on_disk_layout_with_true_class_ids(tmp_path) -> None:
     _write_gtsrb(tmp_path / "root")
-    src = GTSRBSigns(str(tmp_path / "root"), image_size=32, val_fraction=0.34, cache_dir=str(tmp_path / "c"),
-                     progress=False)
+    src = GTSRBSigns(
+        str(tmp_path / "root"), image_size=32, val_fraction=0.34, cache_dir=str(tmp_path / "c"), progress=False
+    )
     splits = src.load()
     assert len(src.class_names) == 43 and GTSRB_CLASSES[14] == "stop"
     assert sorted(set(splits["train"].labels) | set(splits["val"].labels)) == [1, 14, 33]

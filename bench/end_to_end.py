@@ -1,0 +1,59 @@
+"""Time the README's main job (train.py then defend.py) for one experiment, and record it.
+
+    python bench/end_to_end.py [experiment] [extra hydra overrides...]
+
+Runs in a fresh cache (data generation included, as a first-time user sees it), reads the two
+metrics.json files, and appends a row to docs/benchmarks.md with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, args: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / script), *args], check=True, env=env, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    experiment = sys.argv[1] if len(sys.argv) > 1 else "signs_badnets"
+    extra = sys.argv[2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "BACKDOOR_LAB_CACHE": f"{tmp}/cache", "WANDB_MODE": "offline"}
+        args = [f"experiment={experiment}", f"paths.output_dir={tmp}/outputs", "callbacks.progress_bar=null", *extra]
+        t_train = run("train.py", args, env)
+        t_defend = run("defend.py", args, env)
+        trained = json.loads(next(Path(tmp, "outputs", "train").glob("*/*/metrics.json")).read_text())
+        defended = json.loads(next(Path(tmp, "outputs", "defend").glob("*/*/metrics.json")).read_text())
+    cpu = platform.processor() or platform.machine()
+    row = (
+        f"| {date.today()} | {experiment} {' '.join(extra)} | {os.cpu_count()} cores {cpu} | {t_train:.0f} s | "
+        f"{trained['clean_acc']:.4f} / {trained['asr']:.4f} | {t_defend:.0f} s | {defended['pruned_fraction']:.3f} | "
+        f"{defended['after']['clean_acc']:.4f} / {defended['after']['asr']:.4f} |"
+    )
+    print(row)
+    path = ROOT / "docs" / "benchmarks.md"
+    if not path.exists():
+        path.write_text(
+            "# Benchmarks\n\nEnd-to-end wall time of the main job (`bench/end_to_end.py`), data generation included."
+            "\n\n| date | experiment | machine | train.py | test clean acc / ASR | defend.py | pruned | "
+            "after: clean acc / ASR |\n|---|---|---|---|---|---|---|---|\n"
+        )
+    with path.open("a") as fh:
+        fh.write(row + "\n")
+
+
+if __name__ == "__main__":
+    main()
