@@ -73,6 +73,8 @@ def test_train_then_fine_prune_writes_all_results(tmp_path: Path) -> None:
     assert set(saved["before"]) == {"clean_acc", "asr"} and set(saved["after"]) == {"clean_acc", "asr"}
     assert saved["before"]["clean_acc"] == pytest.approx(train_metrics["clean_acc"], abs=1e-6)
     assert saved["layer"] == "net.conv5"
+    ranks = saved["trigger_channel_ranks"]
+    assert len(ranks) == 10 and all(0 <= r < 256 for r in ranks) and ranks == sorted(ranks)
     assert len(saved["pruned_channels"]) == round(saved["pruned_fraction"] * 256)
     rows = list(csv.DictReader((out / "prune_curve.csv").open()))
     assert [int(r["pruned"]) for r in rows][:3] == [0, 32, 64] and int(rows[-1]["pruned"]) == 255  # full curve

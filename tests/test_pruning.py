@@ -232,3 +232,14 @@ def test_schedule_ends_exactly_at_the_limit_and_never_prunes_every_channel() -> 
     assert prune_schedule(10, 3) == [0, 3, 6, 9]
     assert prune_schedule(10, 4, limit=5) == [0, 4, 5]
     assert prune_schedule(256, 4)[-1] == 255
+
+
+def test_trigger_channel_ranks_locate_the_channel_a_trigger_drives(tmp_path) -> None:
+    # The "trigger" is a strong positive input: it lifts channel 2 (mean 0.5 on clean data) to 2.0 and is
+    # classified as class 1, the attack target.
+    triggered = TensorDataset(torch.full((32, 1, 2, 2), 2.0), torch.ones(32, dtype=torch.long))
+    cb = FinePruningCallback(step=1, triggered_dataloader=DataLoader(triggered, batch_size=16))
+    _trainer(tmp_path, cb).fit(PlainModule())
+    assert cb.triggered_activation == pytest.approx([0.0, 0.1, 2.0, 3.0])
+    assert cb.trigger_channel_ranks(top=1) == [2]  # channel 2 is third in the pruning order
+    assert cb.prune_curve[0]["asr"] == 1.0 and cb.prune_curve[3]["asr"] == 0.0

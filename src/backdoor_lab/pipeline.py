@@ -188,6 +188,7 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
     }
     if callback:
+        metrics["trigger_channel_ranks"] = callback.trigger_channel_ranks()
         metrics["prune_curve"] = callback.prune_curve
         write_curve_csv(out / "prune_curve.csv", callback.prune_curve)
         plot_prune_curve(

@@ -94,6 +94,7 @@ class FinePruningCallback(Callback):
         self.layer_name: str | None = None
         self.num_channels: int = 0
         self.channel_activation: list[float] = []
+        self.triggered_activation: list[float] = []
         self.pruned_channels: list[int] = []
         self.prune_curve: list[dict[str, float | None]] = []
         self.pruned = False
@@ -133,6 +134,7 @@ class FinePruningCallback(Callback):
             "layer_name": self.layer_name,
             "num_channels": self.num_channels,
             "channel_activation": self.channel_activation,
+            "triggered_activation": self.triggered_activation,
             "pruned_channels": self.pruned_channels,
             "prune_curve": self.prune_curve,
             "pruned": self.pruned,
@@ -165,9 +167,14 @@ class FinePruningCallback(Callback):
                 f"the ranking statistic of {self.activation_layer or self.layer_name} has "
                 f"{None if recorder.sum is None else recorder.sum.numel()} channels, the pruned layer {n}"
             )
-        total = strategy.reduce(recorder.sum.to(device), reduce_op="sum")
-        count = strategy.reduce(torch.tensor(float(recorder.count), device=device), reduce_op="sum")
-        mean_activation = (total / count).cpu()
+        mean_activation = self._mean(strategy, recorder, device)
+        if triggered is not None:  # for the report only: where does the trigger drive the layer?
+            trig_recorder = ChannelActivation(stat_module, rectify=self.rectify)
+            try:
+                run_batches(pl_module, triggered, device, self.max_batches, count_hits=False)
+            finally:
+                trig_recorder.close()
+            self.triggered_activation = [float(v) for v in self._mean(strategy, trig_recorder, device)]
         # Increasing mean activation; ties (e.g. dead channels) broken by index for reproducibility.
         order = sorted(range(n), key=lambda c: (float(mean_activation[c]), c))
         self.channel_activation = [float(v) for v in mean_activation]
@@ -233,6 +240,26 @@ class FinePruningCallback(Callback):
     def _modules(self, pl_module: L.LightningModule) -> list[torch.nn.Module]:
         self._conv(pl_module)
         return [m for _, m in masked_modules(pl_module, self.layer_name)]
+
+    @staticmethod
+    def _mean(strategy: Any, recorder: ChannelActivation, device: torch.device) -> torch.Tensor:
+        total = strategy.reduce(recorder.sum.to(device), reduce_op="sum")
+        count = strategy.reduce(torch.tensor(float(recorder.count), device=device), reduce_op="sum")
+        return (total / count).cpu()
+
+    def trigger_channel_ranks(self, top: int = 10) -> list[int]:
+        """Pruning-order positions (0 = pruned first) of the ``top`` channels the trigger raises most.
+
+        Fine-pruning can only work when these sit early in the order (dormant on clean data); PAPER.md.
+        """
+        if not self.triggered_activation or not self.channel_activation:
+            return []
+        n = len(self.channel_activation)
+        order = sorted(range(n), key=lambda c: (self.channel_activation[c], c))
+        position = {c: i for i, c in enumerate(order)}
+        lift = [self.triggered_activation[c] - self.channel_activation[c] for c in range(n)]
+        most = sorted(range(n), key=lambda c: -lift[c])[:top]
+        return sorted(position[c] for c in most)
 
     @staticmethod
     def _reduce(strategy: Any, counts: EvalCounts, device: torch.device) -> float:
