@@ -135,6 +135,7 @@ def make_defense_callback(cfg: DictConfig) -> FinePruningCallback | None:
         prune_ratio=d.prune_ratio,
         max_accuracy_drop=d.max_accuracy_drop,
         step=d.step,
+        activation_layer=d.get("activation_layer"),
         full_curve=d.full_curve,
         max_batches=d.get("max_batches"),
     )
