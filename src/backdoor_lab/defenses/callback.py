@@ -192,7 +192,8 @@ class FinePruningCallback(Callback):
         bar = tqdm(
             schedule,
             desc=f"Pruning {self.layer_name}",
-            disable=not (self.progress and trainer.is_global_zero),
+            # None: tqdm shows the bar on a terminal and stays quiet in logs and CI
+            disable=None if (self.progress and trainer.is_global_zero) else True,
             leave=False,
         )
         for k in bar:
