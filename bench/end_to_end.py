@@ -2,8 +2,9 @@
 
     python bench/end_to_end.py [experiment] [extra hydra overrides...]
 
-Runs in a fresh cache (data generation included, as a first-time user sees it), reads the two
-metrics.json files, and appends a row to docs/benchmarks.md with the machine it ran on.
+Runs in a fresh cache (data generation included, as a first-time user sees it), keeps the runs under
+outputs/bench/<experiment>-<time>/ (prune curves and metrics for the report), reads the two metrics.json
+files, and appends a row to docs/benchmarks.md with the machine it ran on.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ def run(script: str, args: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     experiment = sys.argv[1] if len(sys.argv) > 1 else "signs_badnets"
     extra = sys.argv[2:]
+    outputs = ROOT / "outputs" / "bench" / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "BACKDOOR_LAB_CACHE": f"{tmp}/cache", "WANDB_MODE": "offline"}
-        args = [f"experiment={experiment}", f"paths.output_dir={tmp}/outputs", "callbacks.progress_bar=null", *extra]
+        args = [f"experiment={experiment}", f"paths.output_dir={outputs}", "callbacks.progress_bar=null", *extra]
         t_train = run("train.py", args, env)
         t_defend = run("defend.py", args, env)
-        trained = json.loads(next(Path(tmp, "outputs", "train").glob("*/*/metrics.json")).read_text())
-        defended = json.loads(next(Path(tmp, "outputs", "defend").glob("*/*/metrics.json")).read_text())
+    trained = json.loads(next(Path(outputs, "train").glob("*/*/metrics.json")).read_text())
+    defended = json.loads(next(Path(outputs, "defend").glob("*/*/metrics.json")).read_text())
     cpu = platform.processor() or platform.machine()
     row = (
         f"| {date.today()} | {experiment} {' '.join(extra)} | {os.cpu_count()} cores {cpu} | {t_train:.0f} s | "
