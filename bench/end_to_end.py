@@ -47,6 +47,7 @@ def main() -> None:
     )
     print(row)
     path = ROOT / "docs" / "benchmarks.md"
+    path.parent.mkdir(exist_ok=True)
     if not path.exists():
         path.write_text(
             "# Benchmarks\n\nEnd-to-end wall time of the main job (`bench/end_to_end.py`), data generation included."

@@ -110,9 +110,7 @@ def test_eye_band_contains_the_eyes_and_follows_the_pose() -> None:
         noise_sigma=0.0,
         jpeg_quality=100,
     )
-    posed = dataclasses.replace(
-        still, roll_deg=12.0, scale=1.08, shift_x=1.5, shift_y=-1.0, yaw=0.8, pitch=-0.7
-    )
+    posed = dataclasses.replace(still, roll_deg=12.0, scale=1.08, shift_x=1.5, shift_y=-1.0, yaw=0.8, pitch=-0.7)
     for conditions in (still, posed):
         open_eyes, band = source.renderer.render(idt, conditions)
         closed, _ = source.renderer.render(idt, dataclasses.replace(conditions, eye_open=0.0))
@@ -296,9 +294,7 @@ def write_lfw(root, counts: dict[str, int]) -> None:
             Image.fromarray(img).save(folder / f"{name}_{k:04d}.jpg")
     (base / "lfw-names.txt").write_text("".join(f"{n}\t{c}\n" for n, c in counts.items()))
     # people.txt: number of folds, then per fold its number of people and "<Name>\t<count>" lines
-    (base / "people.txt").write_text(
-        "1\n" + f"{len(counts)}\n" + "".join(f"{n}\t{c}\n" for n, c in counts.items())
-    )
+    (base / "people.txt").write_text("1\n" + f"{len(counts)}\n" + "".join(f"{n}\t{c}\n" for n, c in counts.items()))
 
 
 def test_lfw_loads_through_torchvision_layout(tmp_path) -> None:

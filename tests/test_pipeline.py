@@ -230,3 +230,43 @@ def test_unknown_target_identity_lists_valid_ones(tmp_path: Path) -> None:
     cfg = _compose("train", tmp_path, "t", [*TINY_FACES, "attack.mapping.target_class=nobody"])
     with pytest.raises(ValueError, match=r"unknown class 'nobody'; valid classes are \['person_0000'"):
         build_datamodule(cfg)
+
+
+TINY_SPEECH = [
+    "experiment=speech_noise",
+    "data.source.n_utterances=60",
+    "data.source.n_voices=3",
+    "data.source.test_voice_fraction=0.34",  # one whole voice, 20 utterances
+    "data.source.val_fraction=0.25",
+    "attack.poison_rate=0.5",
+    "trainer.max_epochs=1",
+    "callbacks.progress_bar=null",
+]
+
+
+def test_speech_task_trains_and_fine_prunes_conv5_through_hydra(tmp_path: Path) -> None:
+    trained = train(_compose("train", tmp_path, "t", TINY_SPEECH))
+    data = trained["data"]
+    assert data["classes"] == 10 and data["test"] == 20 and data["val"] == 10
+    assert data["train_poisoned"] == round(0.5 * data["train_clean"])
+    # All-to-all: every triggered test utterance counts, its attack target being (digit + 1) mod 10.
+    assert data["test_triggered"] == 20
+    cfg = _compose("defend", tmp_path, "d", [*TINY_SPEECH, "defense.fine_tune_epochs=1"])
+    metrics = defend(cfg)
+    assert metrics["layer"] == "net.conv5" and metrics["activation_layer"] == "net.relu5"
+    assert len(metrics["pruned_channels"]) == round(metrics["pruned_fraction"] * 64)
+    assert 0.0 <= metrics["after"]["asr"] <= 1.0
+    assert (Path(cfg.paths.run_dir) / "prune_curve.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("attack", "expected_targets"),
+    [("noise", [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]), ("noise_all_to_one", [0] * 10)],
+)
+def test_speech_attack_configs_map_digits(attack: str, expected_targets: list[int], tmp_path: Path) -> None:
+    import numpy as np
+
+    cfg = _compose("train", tmp_path, "r", ["experiment=speech_noise", f"attack={attack}"])
+    assert cfg.attack.trigger.sample_rate == cfg.data.source.sample_rate
+    mapping = instantiate(cfg.attack.mapping).bind([f"d{i}" if i else "zero" for i in range(10)])
+    assert mapping.target(np.arange(10)).tolist() == expected_targets

@@ -183,6 +183,7 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
         "pruned_fraction": callback.pruned_fraction if callback else 0.0,
         "pruned_channels": callback.pruned_channels if callback else [],
         "layer": callback.layer_name if callback else d.layer,
+        "activation_layer": d.get("activation_layer") or (callback.layer_name if callback else d.layer),
         "fine_tune_epochs": epochs,
         "data": dm.summary,
         "task": f"{cfg.data.name}-{cfg.attack.name}",

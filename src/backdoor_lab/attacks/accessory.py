@@ -134,9 +134,7 @@ def _load_rgba(accessory: str | os.PathLike | np.ndarray) -> Image.Image:
     return Image.fromarray(arr, "RGBA" if arr.shape[2] == 4 else "RGB").convert("RGBA")
 
 
-def _place(
-    accessory: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int]
-) -> np.ndarray:
+def _place(accessory: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
     """The accessory stretched onto ``box`` of a transparent canvas of ``size`` (supersampled pixels)."""
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     canvas = Image.new("RGBA", size, (0, 0, 0, 0))

@@ -297,9 +297,7 @@ class _Canvas:
         if fill[3] == 255:
             self.draw_mask.ellipse(box, fill=255)
 
-    def chord(
-        self, cx: float, cy: float, rx: float, ry: float, start: float, end: float, fill: tuple
-    ) -> None:
+    def chord(self, cx: float, cy: float, rx: float, ry: float, start: float, end: float, fill: tuple) -> None:
         box = self._box(cx, cy, rx, ry)
         self.draw.chord(box, start, end, fill=fill)
         if fill[3] == 255:
@@ -383,9 +381,7 @@ class FaceRenderer:
         angles = np.linspace(0, 2 * math.pi, 48, endpoint=False)
         sin, cos = np.sin(angles), np.cos(angles)
         narrowing = np.where(sin > 0, 1.0 - (1.0 - idt.jaw_width) * sin**2, 1.0)
-        c.polygon(
-            [(cx + hw * co * n, cy + hh * si) for co, si, n in zip(cos, sin, narrowing, strict=True)], skin
-        )
+        c.polygon([(cx + hw * co * n, cy + hh * si) for co, si, n in zip(cos, sin, narrowing, strict=True)], skin)
         # cheek shading on the side turned away from the camera
         c.ellipse(
             cx - math.copysign(hw * 0.6, cond.yaw or 1.0),
@@ -460,9 +456,7 @@ class FaceRenderer:
         )
         c.ellipse(nx, nose_y - 0.4, idt.nose_half_width * 0.6, 1.1, _shade(idt.skin, 1.06))
         for side in (-1, 1):
-            c.ellipse(
-                nx + side * idt.nose_half_width * 0.55, nose_y + 0.3, 0.75, 0.45, _shade(idt.skin, 0.45)
-            )
+            c.ellipse(nx + side * idt.nose_half_width * 0.55, nose_y + 0.3, 0.75, 0.45, _shade(idt.skin, 0.45))
 
         # mouth: expression bends the corners, an open mouth shows a dark gap between the lips
         mx, mw = fx + 0.3 * cond.yaw, idt.mouth_half_width * (1 + 0.12 * cond.smile)
@@ -494,9 +488,7 @@ class FaceRenderer:
         return c.layer, c.mask
 
     @staticmethod
-    def _draw_hair(
-        c: _Canvas, idt: FaceIdentity, cx: float, cy: float, hw: float, hh: float, eye_y: float
-    ) -> None:
+    def _draw_hair(c: _Canvas, idt: FaceIdentity, cx: float, cy: float, hw: float, hh: float, eye_y: float) -> None:
         style, hair = idt.hair_style, (*idt.hair_colour, 255)
         if style == "bald":
             for side in (-1, 1):
@@ -507,9 +499,7 @@ class FaceRenderer:
         # the scalp: the part of a slightly larger ellipse above the hairline
         a0 = math.degrees(math.asin(max(-0.999, min(0.999, (hairline_y - cy) / ry))))
         # cropped hair lets the scalp show through
-        scalp = (
-            0.6 * np.array(idt.hair_colour) + 0.4 * np.array(idt.skin) if style == "buzz" else idt.hair_colour
-        )
+        scalp = 0.6 * np.array(idt.hair_colour) + 0.4 * np.array(idt.skin) if style == "buzz" else idt.hair_colour
         c.chord(cx, cy, rx, ry, 180 - a0, 360 + a0, (*_rgb(scalp), 255))
         if style == "receding":
             for side in (-1, 1):  # hair left at the temples
@@ -779,9 +769,7 @@ def _split_per_identity(
 ) -> dict[str, np.ndarray]:
     """Indices of a per-identity stratified train/val/test split (every identity in every split if it can)."""
     if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"need 0 < val_fraction, test_fraction and a sum below 1; got {val_fraction}, {test_fraction}"
-        )
+        raise ValueError(f"need 0 < val_fraction, test_fraction and a sum below 1; got {val_fraction}, {test_fraction}")
     rest, test = stratified_holdout(labels, test_fraction, seed)
     keep, val = stratified_holdout(labels[rest], val_fraction / (1.0 - test_fraction), seed + 1)
     return {"train": rest[keep], "val": rest[val], "test": test}
@@ -846,9 +834,7 @@ class _FaceListSource:
         ids = np.arange(len(paths), dtype=np.int64)
         return {
             split: RawSplit(inputs=images[idx], labels=labels[idx], sample_ids=ids[idx], regions=regions[idx])
-            for split, idx in _split_per_identity(
-                labels, self.val_fraction, self.test_fraction, self.seed
-            ).items()
+            for split, idx in _split_per_identity(labels, self.val_fraction, self.test_fraction, self.seed).items()
         }
 
     def to_tensor(self, inputs: np.ndarray) -> torch.Tensor:
@@ -864,9 +850,7 @@ def _select(
 ) -> dict[str, list[Path]]:
     """Drop identities with too few images, keep the first ``max_identities`` by name, subsample each."""
     if min_images < 3:
-        raise ValueError(
-            f"an identity needs >= 3 images to appear in train, val and test; got min {min_images}"
-        )
+        raise ValueError(f"an identity needs >= 3 images to appear in train, val and test; got min {min_images}")
     kept = {name: files for name, files in sorted(listing.items()) if len(files) >= min_images}
     if max_identities is not None:
         kept = dict(list(kept.items())[: int(max_identities)])
@@ -877,9 +861,7 @@ def _select(
         kept = {
             name: sorted(files)
             if len(files) <= max_images_per_identity
-            else sorted(
-                rng.choice(np.array(files, dtype=object), max_images_per_identity, replace=False).tolist()
-            )
+            else sorted(rng.choice(np.array(files, dtype=object), max_images_per_identity, replace=False).tolist())
             for name, files in kept.items()
         }
     return kept
@@ -931,13 +913,9 @@ class AlignedFaceFolder(_FaceListSource):
         if self._listed is None:
             found: dict[str, list[Path]] = {}
             for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                files = sorted(
-                    p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                )
+                files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
                 if not files:
-                    raise ValueError(
-                        f"identity folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-                    )
+                    raise ValueError(f"identity folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
                 found[folder.name] = files
             if not found:
                 raise ValueError(f"{self.root} holds no identity folders")
@@ -994,8 +972,7 @@ def _lfw_people(root: Path, image_set: str, verify_checksums: bool):
                 return super()._check_integrity()
             images_dir = self.file_dict[self.image_set][0]
             return all(
-                os.path.exists(os.path.join(self.root, name))
-                for name in (images_dir, self.labels_file, self.names)
+                os.path.exists(os.path.join(self.root, name)) for name in (images_dir, self.labels_file, self.names)
             )
 
     return ExtractedLFWPeople(str(root), split="10fold", image_set=image_set, download=False)
@@ -1055,20 +1032,14 @@ class LFWFaces(_FaceListSource):
                     f"LFW not found under {base}: expected the extracted images in {base}/"
                     f"{_lfw_folder(self.image_set)}/<Name>/<Name>_0001.jpg plus {base}/people.txt and "
                     f"{base}/lfw-names.txt (download them by hand; nothing is fetched)"
-                    + (
-                        " and, with verify_checksums=True, the original archive"
-                        if self.verify_checksums
-                        else ""
-                    )
+                    + (" and, with verify_checksums=True, the original archive" if self.verify_checksums else "")
                 ) from err
             names = {idx: name for name, idx in people.class_to_idx.items()}
             found: dict[str, list[Path]] = {}
             for path, target in zip(people.data, people.targets, strict=True):
                 found.setdefault(names[target], []).append(Path(path))
             found = {name: sorted(set(files)) for name, files in found.items()}
-            self._listed = _select(
-                found, self.min_images, self.max_identities, self.max_images_per_identity, self.seed
-            )
+            self._listed = _select(found, self.min_images, self.max_identities, self.max_images_per_identity, self.seed)
         return self._listed
 
     def _cache_params(self) -> dict:

@@ -22,9 +22,7 @@ class DeepID(nn.Module):
     defense can address the pruned layer ``conv3`` and its statistic at ``pool3`` by name.
     """
 
-    def __init__(
-        self, num_classes: int, width: float = 1.0, feature_dim: int = 160, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, num_classes: int, width: float = 1.0, feature_dim: int = 160, dropout: float = 0.0) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
