@@ -295,11 +295,12 @@ def test_spectrogram_alexnet_shapes_and_conv5() -> None:
     assert SpectrogramAlexNet(width=1.0).channels == (96, 256, 384, 384, 256)
     custom = SpectrogramAlexNet(num_classes=7, in_channels=3, channels=[8, 16, 16, 16, 40]).eval()
     assert custom.conv5.out_channels == 40 and custom(torch.randn(2, 3, 40, 63)).shape == (2, 7)
-    # BatchNorm after conv1..conv4 by default, never after conv5: a masked conv5 channel must stay zero.
-    assert all(isinstance(getattr(model, f"norm{i}"), torch.nn.BatchNorm2d) for i in range(1, 5))
-    assert not hasattr(model, "norm5")
-    plain = SpectrogramAlexNet(batch_norm=False)
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    # No normalisation by default (as the original); with batch_norm, after conv1..conv4 but never conv5,
+    # so that a masked conv5 channel stays zero.
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    normed = SpectrogramAlexNet(batch_norm=True)
+    assert all(isinstance(getattr(normed, f"norm{i}"), torch.nn.BatchNorm2d) for i in range(1, 5))
+    assert not hasattr(normed, "norm5")
 
 
 def test_masking_a_conv5_channel_zeroes_it_after_relu() -> None:

@@ -8,10 +8,11 @@ channel proportions are kept. ``width=1.0`` gives the original channel counts (c
 the default ``width=0.25`` (24, 64, 96, 96, 64) trains on a 2-core CPU in minutes, and its 64 conv5
 channels are still far more than ten digits need: the spare capacity where a backdoor can hide.
 
-Two departures from the original. BatchNorm after conv1..conv4 (the original has LRN), for the CPU budget:
-in our runs it let Adam train at twice the learning rate and learn the backdoor in fewer epochs. And no
-normalisation at all after conv5, because masking a conv5 output channel must make that
-channel exactly zero after its ReLU (``relu5``), which a BatchNorm shift would undo.
+No normalisation by default, like the original (its LRN is left out). ``batch_norm=True`` adds BatchNorm
+after conv1..conv4 (never after conv5, because masking a conv5 output channel must make that channel exactly
+zero after its ReLU ``relu5``, which a BatchNorm shift would undo). It trains faster and learns the trigger
+more strongly, but in our runs it also moved the backdoor into conv5 channels that clean speech uses, where
+fine-pruning cannot reach it (README, "Measured results").
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class SpectrogramAlexNet(nn.Module):
         dropout: float = 0.5,
         pool5_size: Sequence[int] = (3, 3),
         conv1_stride: int = 1,
-        batch_norm: bool = True,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         chans = tuple(int(c) for c in channels) if channels is not None else scaled_channels(width)
