@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from PIL import Image
 
 from backdoor_lab.attacks.base import AllToOne
 from backdoor_lab.attacks.sticker import StickerTrigger
+from backdoor_lab.data.base import file_listing_digest
 from backdoor_lab.data.module import BackdoorDataModule
 from backdoor_lab.data.traffic_signs import GTSRB_CLASSES, SIGN_CLASSES, GTSRBSigns, SignRenderer, SyntheticTrafficSigns
 
@@ -113,3 +116,17 @@ def test_gtsrb_reads_its_on_disk_layout_with_true_class_ids(tmp_path) -> None:
 def test_gtsrb_missing_folder_names_the_expected_layout(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"gtsrb/GTSRB"):
         GTSRBSigns(str(tmp_path / "nowhere"), cache_dir=str(tmp_path)).load()
+
+
+def test_file_listing_digest_changes_with_any_file_of_a_real_data_set(tmp_path: Path) -> None:
+    files = [tmp_path / "a" / "1.png", tmp_path / "b" / "2.png"]
+    for path in files:
+        path.parent.mkdir()
+        path.write_bytes(b"12345")
+    before = file_listing_digest(files, tmp_path)
+    assert file_listing_digest(files, tmp_path) == before
+    files[1].write_bytes(b"123456")  # same count, same first and last name, another file
+    assert file_listing_digest(files, tmp_path) != before
+    files[1].write_bytes(b"12345")
+    assert file_listing_digest(files, tmp_path) == before
+    assert file_listing_digest(files[:1], tmp_path) != before

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -104,6 +104,20 @@ def config_digest(params: dict) -> str:
     """A short stable hash of generator parameters, used to name cache files."""
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def file_listing_digest(paths: Iterable[str | os.PathLike], root: str | os.PathLike) -> str:
+    """Hash of every file's path (relative to ``root``) and size: the cache key of a real data set on disk.
+
+    A file added, removed, renamed or replaced by one of another size changes the key, so a cache built
+    from an earlier copy of the data set is never read back for a changed one.
+    """
+    root = Path(root)
+    listing = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        listing.update(f"{path.relative_to(root)}:{path.stat().st_size}\n".encode())
+    return listing.hexdigest()
 
 
 def cached_splits(

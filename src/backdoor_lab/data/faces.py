@@ -17,16 +17,21 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from rich.progress import track
 
-from backdoor_lab.data.base import RawSplit, cached_splits, images_to_tensor, stratified_holdout
+from backdoor_lab.data.base import (
+    RawSplit,
+    cached_splits,
+    file_listing_digest,
+    images_to_tensor,
+    stratified_holdout,
+)
 
 FACE_HEIGHT = 55
 FACE_WIDTH = 47
@@ -699,13 +704,17 @@ class SyntheticFaces:
         regions = np.empty((total, 4), dtype=np.float32)
         labels = np.repeat(np.arange(self.num_identities, dtype=np.int64), per_id)
         image_index = np.tile(np.arange(per_id), self.num_identities)
-        with _progress(self.progress, f"rendering {total} synthetic faces", self.num_identities) as advance:
-            for i in range(self.num_identities):
-                idt = self.identity(i)
-                for j in range(per_id):
-                    k = i * per_id + j
-                    images[k], regions[k] = self.renderer.render(idt, self.conditions(i, j))
-                advance()
+        people = track(
+            range(self.num_identities),
+            description=f"Rendering {total} synthetic faces",
+            disable=not self.progress,
+            transient=True,
+        )
+        for i in people:
+            idt = self.identity(i)
+            for j in range(per_id):
+                k = i * per_id + j
+                images[k], regions[k] = self.renderer.render(idt, self.conditions(i, j))
         splits, start = {}, 0
         for split, count in self.per_identity.items():
             rows = np.flatnonzero((image_index >= start) & (image_index < start + count))
@@ -720,19 +729,6 @@ class SyntheticFaces:
 
     def to_tensor(self, inputs: np.ndarray) -> torch.Tensor:
         return images_to_tensor(inputs)
-
-
-@contextmanager
-def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
-    """A transient rich progress bar over ``total`` steps (or nothing); yields the advance callable."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
 
 
 def _fit_crop(img: Image.Image, crop_box: tuple[float, float, float, float] | None) -> np.ndarray:
@@ -779,6 +775,7 @@ class _FaceListSource:
     """Shared loading for sources that are a list of (image path, identity) pairs."""
 
     name: str
+    root: Path
     eye_band: tuple[float, float, float, float]
     crop_box: tuple[float, float, float, float] | None
     val_fraction: float
@@ -806,9 +803,7 @@ class _FaceListSource:
         self._class_names = sorted(listing)
         paths = [p for name in self._class_names for p in listing[name]]
         params = {
-            "files": len(paths),
-            "first": str(paths[0]),
-            "last": str(paths[-1]),
+            "files": file_listing_digest(paths, self.root),
             "eye_band": self.eye_band,
             "crop_box": self.crop_box,
             "val": self.val_fraction,
@@ -826,10 +821,11 @@ class _FaceListSource:
             [np.full(len(listing[name]), k, dtype=np.int64) for k, name in enumerate(self._class_names)]
         )
         images = np.empty((len(paths), FACE_HEIGHT, FACE_WIDTH, 3), dtype=np.uint8)
-        with _progress(self.progress, f"reading {len(paths)} faces for {self.name}", len(paths)) as advance:
-            for k, path in enumerate(paths):
-                images[k] = _read_face(path, self.crop_box)
-                advance()
+        steps = track(
+            paths, description=f"Reading {len(paths)} faces for {self.name}", disable=not self.progress, transient=True
+        )
+        for k, path in enumerate(steps):
+            images[k] = _read_face(path, self.crop_box)
         regions = np.tile(np.asarray(self.eye_band, dtype=np.float32), (len(paths), 1))
         ids = np.arange(len(paths), dtype=np.int64)
         return {

@@ -29,7 +29,7 @@ import torch
 from rich.progress import track
 
 from backdoor_lab.data.audio import LogMelSpectrogram, fit_length, load_audio, resample
-from backdoor_lab.data.base import RawSplit, cached_splits, stratified_holdout
+from backdoor_lab.data.base import RawSplit, cached_splits, file_listing_digest, stratified_holdout
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -493,12 +493,9 @@ class _RecordedDigits(_LogMelFeatures, ABC):
         entries = self._index()
         if self.cache_dir is None:
             return self._read(entries)
-        listing = hashlib.sha256()
-        for path, *_ in entries:
-            listing.update(f"{path.relative_to(self.root)}:{path.stat().st_size}\n".encode())
         params = {
             "root": str(self.root.resolve()),
-            "files": listing.hexdigest(),
+            "files": file_listing_digest((path for path, *_ in entries), self.root),
             "sample_rate": self.sample_rate,
             "duration_s": self.duration_s,
             **self._settings(),

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from rich.progress import track
 
-from backdoor_lab.data.base import RawSplit, cached_splits, images_to_tensor, stratified_holdout
+from backdoor_lab.data.base import RawSplit, cached_splits, file_listing_digest, images_to_tensor, stratified_holdout
 
 CANVAS = 128  # templates are drawn at this size and warped down, for anti-aliasing
 
@@ -412,7 +412,7 @@ class GTSRBSigns:
             "size": self.image_size,
             "val": self.val_fraction,
             "seed": self.seed,
-            "n": [len(train_samples), len(test._samples)],
+            "files": file_listing_digest((path for path, _ in train_samples + test._samples), self.root),
             "version": 1,
         }
         return cached_splits(self.cache_dir, "gtsrb", params, lambda: self._read(train_samples, test._samples))
