@@ -175,9 +175,8 @@ class FinePruningCallback(Callback):
             finally:
                 trig_recorder.close()
             self.triggered_activation = [float(v) for v in self._mean(strategy, trig_recorder, device)]
-        # Increasing mean activation; ties (e.g. dead channels) broken by index for reproducibility.
-        order = sorted(range(n), key=lambda c: (float(mean_activation[c]), c))
         self.channel_activation = [float(v) for v in mean_activation]
+        order = self.pruning_order()
 
         step = self.step or max(1, n // 64)
         limit = None if self.prune_ratio is None else int(round(self.prune_ratio * n))
@@ -248,6 +247,10 @@ class FinePruningCallback(Callback):
         count = strategy.reduce(torch.tensor(float(recorder.count), device=device), reduce_op="sum")
         return (total / count).cpu()
 
+    def pruning_order(self) -> list[int]:
+        """Channels by increasing mean clean activation; ties (e.g. dead channels) broken by index."""
+        return sorted(range(len(self.channel_activation)), key=lambda c: (self.channel_activation[c], c))
+
     def trigger_channel_ranks(self, top: int = 10) -> list[int]:
         """Pruning-order positions (0 = pruned first) of the ``top`` channels the trigger raises most.
 
@@ -256,8 +259,7 @@ class FinePruningCallback(Callback):
         if not self.triggered_activation or not self.channel_activation:
             return []
         n = len(self.channel_activation)
-        order = sorted(range(n), key=lambda c: (self.channel_activation[c], c))
-        position = {c: i for i, c in enumerate(order)}
+        position = {c: i for i, c in enumerate(self.pruning_order())}
         lift = [self.triggered_activation[c] - self.channel_activation[c] for c in range(n)]
         most = sorted(range(n), key=lambda c: -lift[c])[:top]
         return sorted(position[c] for c in most)
