@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backdoor_lab.attacks.base import LabelMapping, Trigger
-from backdoor_lab.data.base import RawSplit
+from backdoor_lab.splits import RawSplit
 
 
 @dataclass

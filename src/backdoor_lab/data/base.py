@@ -13,58 +13,14 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class RawSplit:
-    """One split of raw samples.
-
-    Attributes:
-        inputs: raw samples, ``uint8`` (N, H, W, C) images or ``float32`` (N, T) waveforms.
-        labels: ``int64`` (N,) class indices.
-        regions: optional ``float32`` (N, 4) boxes ``(x0, y0, x1, y1)`` in pixels that anchor a trigger
-            (the sign's box for a sticker, the eye band for sunglasses).
-        groups: optional ``int64`` (N,) group ids (speaker, voice, identity session) for group-disjoint splits.
-        sample_ids: ``int64`` (N,) ids unique across the splits of one source; they make disjointness testable.
-    """
-
-    inputs: np.ndarray
-    labels: np.ndarray
-    sample_ids: np.ndarray
-    regions: np.ndarray | None = None
-    groups: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.inputs)
-        for name in ("labels", "sample_ids", "regions", "groups"):
-            value = getattr(self, name)
-            if value is not None and len(value) != n:
-                raise ValueError(f"RawSplit.{name} has {len(value)} rows but inputs has {n}")
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def subset(self, index: np.ndarray) -> RawSplit:
-        """The rows at ``index``, every field kept aligned."""
-
-        def pick(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[index]
-
-        return RawSplit(
-            inputs=self.inputs[index],
-            labels=self.labels[index],
-            sample_ids=self.sample_ids[index],
-            regions=pick(self.regions),
-            groups=pick(self.groups),
-        )
+from backdoor_lab.splits import SPLITS as SPLITS  # re-exported: the split names
+from backdoor_lab.splits import RawSplit as RawSplit  # re-exported for callers of the old home
 
 
 @runtime_checkable

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab.attacks.base import LabelMapping, Trigger
 from backdoor_lab.attacks.poisoning import poison_train, triggered_split
-from backdoor_lab.data.base import SPLITS, DataSource, RawSplit
+from backdoor_lab.data.base import DataSource
+from backdoor_lab.splits import SPLITS, RawSplit
 
 FIT_ON = ("poisoned", "defender_clean")
 
