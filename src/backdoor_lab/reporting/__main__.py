@@ -1,0 +1,3 @@
+from backdoor_lab.reporting.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Result files written atomically (a temp file in the same folder, then ``os.replace``).
+
+A reader (a summary run by a Hydra callback while other jobs write, or a person) never sees half a file. Run
+results are written once and never overwritten (``write_new``); a sweep's own summary is rewritten as jobs end
+(``write_replacing``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success rename it to ``path`` (refused if it exists, unless
+    ``overwrite``); on error remove it."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists already; results are never overwritten, use a new output dir")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if not overwrite and path.exists():
+            raise FileExistsError(f"{path} exists already; results are never overwritten")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_new(path: str | Path, text: str) -> Path:
+    """Write ``text`` atomically to a file that must not exist yet (no earlier result is overwritten)."""
+    with atomic_path(path, overwrite=False) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_replacing(path: str | Path, text: str) -> Path:
+    """Write ``text`` atomically, replacing an earlier version (a sweep's summary, rewritten as jobs end)."""
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    return write_new(path, json.dumps(finite(data), indent=2) + "\n")
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN: undefined numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value

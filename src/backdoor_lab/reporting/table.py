@@ -1,0 +1,511 @@
+"""The results table of a folder of runs: summary.csv, summary.md, summary.png and prune_ratio.png.
+
+Reads the files the pipeline leaves (never a checkpoint): each job folder's ``job.json`` (status, expected
+defenses, overrides, train run), its ``defense/<name>/metrics.json`` and, for the "Initial" row, the training
+run's ``metrics.json``. The table follows Liu et al. (RAID 2018), Table 1: per task and attack, clean accuracy
+and ASR of the backdoored model (Initial) and after fine-tuning, pruning and fine-pruning, here as
+mean ± std over seeds with the number of runs. Jobs that failed, are unfinished or lack an expected defense are
+listed, never dropped, and everything a finished defense measured is kept even when its job failed later.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from backdoor_lab.reporting.files import atomic_path, write_replacing  # noqa: E402
+
+JOB_FILE = "job.json"
+DEFENSE_DIR = "defense"
+METRICS_FILE = "metrics.json"
+INITIAL = "none"  # the defense that only measures: its result is the table's "Initial" row
+DEFENSE_LABELS = {
+    INITIAL: "Initial",
+    "fine_tuning": "Fine-tuning",
+    "pruning": "Pruning",
+    "fine_pruning": "Fine-pruning",
+}
+# Overrides that never split the table: the seed is what it averages over; the others name inputs, not settings.
+NOT_GROUPING = ("seed", "defenses", "ckpt_path", "experiment", "data", "attack")
+PATH_COLUMNS = ("job_dir", "metrics", "train_run", "checkpoint")
+CSV_METRICS = ("before_clean_acc", "before_asr", "after_clean_acc", "after_asr", "pruned_fraction", "prune_ratio")
+
+
+@dataclass(frozen=True)
+class DefenseResult:
+    """One defense applied to one trained model: a row of summary.csv."""
+
+    job_dir: Path
+    defense: str
+    task: str
+    attack_variant: str
+    seed: int | None
+    overrides: Mapping[str, str]
+    before: Mapping[str, float | None]
+    after: Mapping[str, float | None]
+    pruned_fraction: float | None
+    prune_ratio: float | None
+    prunes: bool  # the defense has a prune curve: it belongs on prune_ratio.png
+    metrics_path: Path
+    train_run: str | None
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class JobProblem:
+    """A job that failed, has not finished, or lacks a defense it was asked for."""
+
+    job_dir: Path
+    overrides: Sequence[str]
+    status: str
+    error: str | None
+    missing_defenses: Sequence[str]
+
+
+@dataclass
+class Runs:
+    """Everything a folder of runs holds: one Initial measurement per job, the defense results, the problems."""
+
+    root: Path
+    initial: list[DefenseResult] = field(default_factory=list)
+    results: list[DefenseResult] = field(default_factory=list)
+    problems: list[JobProblem] = field(default_factory=list)
+    jobs: int = 0
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
+    """``["seed=0", "+x.y=1", "~z"]`` -> ``{"seed": "0", "x.y": "1", "z": "<deleted>"}``."""
+    parsed: dict[str, str] = {}
+    for item in overrides:
+        item = str(item)
+        if item.startswith("~"):
+            parsed[item[1:].split("=", 1)[0]] = "<deleted>"
+        elif "=" in item:
+            key, value = item.split("=", 1)
+            parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _hydra_overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    return [str(item) for item in yaml.safe_load(path.read_text()) or []]
+
+
+def _prune_ratio(metrics: Mapping[str, Any], overrides: Mapping[str, str]) -> float | None:
+    """The prune ratio the defense was asked for (None: the stop rule), from its recorded config.
+
+    The shortest config key wins (``prune.prune_ratio`` over ``defense.prune.prune_ratio``, the same value);
+    an override is the fallback for a metrics.json that does not record its config.
+    """
+    config = _flatten(metrics.get("config") or {})
+    keys = sorted((k for k in config if k.split(".")[-1] == "prune_ratio"), key=lambda k: (k.count("."), k))
+    if keys:
+        value = config[keys[0]]
+    else:
+        value = next((v for k, v in overrides.items() if k.split(".")[-1] == "prune_ratio"), None)
+    if value in (None, "null", "None"):
+        return None
+    return float(value)
+
+
+def _rates(node: Any) -> dict[str, float | None]:
+    node = node if isinstance(node, Mapping) else {}
+    return {"clean_acc": node.get("clean_acc"), "asr": node.get("asr")}
+
+
+def _defense_result(job_dir: Path, path: Path, overrides: Mapping[str, str], train_run: str | None) -> DefenseResult:
+    metrics = _read_json(path)
+    return DefenseResult(
+        job_dir=job_dir,
+        defense=str(metrics.get("defense") or path.parent.name),
+        task=str(metrics.get("task", "?")),
+        attack_variant=str(metrics.get("attack_variant", "baseline")),
+        seed=metrics.get("seed"),
+        overrides=overrides,
+        before=_rates(metrics.get("before")),
+        after=_rates(metrics.get("after")),
+        pruned_fraction=metrics.get("pruned_fraction"),
+        prune_ratio=_prune_ratio(metrics, overrides),
+        prunes="prune_curve" in metrics,
+        metrics_path=path,
+        train_run=metrics.get("train_run") or train_run,
+        checkpoint=metrics.get("checkpoint"),
+    )
+
+
+def _train_metrics(job_dir: Path, train_run: str | None, root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The training run's metrics.json: the job's own folder, or the reused run it names."""
+    candidates = [job_dir / METRICS_FILE]
+    if train_run:
+        candidates += [Path(train_run) / METRICS_FILE, root / train_run / METRICS_FILE]
+    for path in candidates:
+        if path.is_file():
+            metrics = _read_json(path)
+            if metrics.get("kind") == "train":
+                return path, metrics
+    return None
+
+
+def _initial(
+    job_dir: Path, results: list[DefenseResult], overrides: Mapping[str, str], train_run: str | None, root: Path
+) -> DefenseResult | None:
+    """The model before any defense, once per job: the ``none`` defense, else the train run, else a ``before``."""
+    for result in results:
+        if result.defense == INITIAL:
+            return result
+    found = _train_metrics(job_dir, train_run, root)
+    if found is not None:
+        path, metrics = found
+        rates = _rates(metrics)
+        return DefenseResult(
+            job_dir=job_dir,
+            defense=INITIAL,
+            task=str(metrics.get("task", "?")),
+            attack_variant=str(metrics.get("attack_variant", "baseline")),
+            seed=metrics.get("seed"),
+            overrides=overrides,
+            before=rates,
+            after=rates,
+            pruned_fraction=0.0,
+            prune_ratio=None,
+            prunes=False,
+            metrics_path=path,
+            train_run=str(metrics.get("run_dir") or path.parent),
+            checkpoint=metrics.get("checkpoint"),
+        )
+    if results:
+        first = results[0]
+        return replace(first, defense=INITIAL, after=first.before, pruned_fraction=0.0, prune_ratio=None, prunes=False)
+    return None
+
+
+def _job_dirs(root: Path) -> list[Path]:
+    """Every job folder under ``root``: it holds a job.json, or it is a Hydra job folder (``.hydra/overrides.yaml``)."""
+    dirs = {p.parent for p in root.rglob(JOB_FILE)}
+    dirs |= {p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
+    return sorted(dirs, key=lambda d: [int(part) if part.isdigit() else part for part in d.relative_to(root).parts])
+
+
+def collect_runs(folder: str | Path, job_errors: Mapping[Path, str] | None = None) -> Runs:
+    """Read every job under ``folder``. ``job_errors``: errors known from elsewhere (a Hydra callback's
+    ``JobReturn``) for jobs that died before writing their job.json."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    known_errors = {Path(k).resolve(): v for k, v in (job_errors or {}).items()}
+    runs = Runs(root=root)
+    for job_dir in _job_dirs(root):
+        runs.jobs += 1
+        job_path = job_dir / JOB_FILE
+        if not job_path.is_file():
+            error = known_errors.get(job_dir) or "no job.json: the job failed before it started, or is still starting"
+            runs.problems.append(JobProblem(job_dir, _hydra_overrides(job_dir), "missing", error, []))
+            continue
+        job = _read_json(job_path)
+        override_list = [str(o) for o in job.get("overrides", _hydra_overrides(job_dir))]
+        overrides = parse_overrides(override_list)
+        train_run = job.get("train_run")
+        results = [
+            _defense_result(job_dir, path, overrides, train_run)
+            for path in sorted((job_dir / DEFENSE_DIR).glob(f"*/{METRICS_FILE}"))
+        ]
+        runs.results.extend(results)
+        initial = _initial(job_dir, results, overrides, train_run, root)
+        if initial is not None:
+            runs.initial.append(initial)
+        finished = {r.defense for r in results}
+        missing = [d for d in job.get("defenses", []) if d not in finished]
+        status = str(job.get("status", "unknown"))
+        if status != "done" or missing:
+            error = job.get("error") or known_errors.get(job_dir)
+            if status == "running" and not error:
+                error = "job.json says running: still running, or killed before it could record a failure"
+            runs.problems.append(JobProblem(job_dir, override_list, status, error, missing))
+    return runs
+
+
+def varying_keys(runs: Runs) -> list[str]:
+    """Override keys that take more than one value within some task x attack variant (the seed aside)."""
+    rows = runs.initial + runs.results
+    keys = sorted({k for r in rows for k in r.overrides if k not in NOT_GROUPING and not k.startswith("hydra.")})
+    by_cell: dict[tuple[str, str], list[DefenseResult]] = defaultdict(list)
+    for r in rows:
+        by_cell[(r.task, r.attack_variant)].append(r)
+    return [k for k in keys if any(len({r.overrides.get(k) for r in cell}) > 1 for cell in by_cell.values())]
+
+
+def format_mean_std(values: Sequence[float | None]) -> str:
+    """``"98.50 ± 0.50 (3)"``: percent, sample std over runs (ddof 1), n; one run has no std: ``"98.50 (1)"``."""
+    present = [100.0 * v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not present:
+        return "–"
+    mean = statistics.fmean(present)
+    if len(present) == 1:
+        return f"{mean:.2f} ({len(present)})"
+    return f"{mean:.2f} ± {statistics.stdev(present):.2f} ({len(present)})"
+
+
+def _defense_order(name: str) -> tuple[int, str]:
+    order = list(DEFENSE_LABELS)
+    return (order.index(name), name) if name in order else (len(order), name)
+
+
+def _label(name: str) -> str:
+    return DEFENSE_LABELS.get(name, name)
+
+
+def _group_key(result: DefenseResult, keys: Sequence[str]) -> tuple[str, str, tuple[str, ...]]:
+    return result.task, result.attack_variant, tuple(result.overrides.get(k, "default") for k in keys)
+
+
+def _sort_key(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+@dataclass
+class _Group:
+    task: str
+    attack_variant: str
+    settings: tuple[str, ...]
+    rows: dict[str, list[DefenseResult]]  # defense -> one result per job
+
+
+def _groups(runs: Runs, keys: Sequence[str]) -> list[_Group]:
+    grouped: dict[tuple[str, str, tuple[str, ...]], dict[str, list[DefenseResult]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for r in runs.initial:
+        grouped[_group_key(r, keys)][INITIAL].append(r)
+    for r in runs.results:
+        if r.defense != INITIAL:  # already counted once per job as the Initial row
+            grouped[_group_key(r, keys)][r.defense].append(r)
+    ordered = sorted(grouped, key=lambda g: (g[0], g[1], [_sort_key(v) for v in g[2]]))
+    return [_Group(*key, dict(sorted(grouped[key].items(), key=lambda kv: _defense_order(kv[0])))) for key in ordered]
+
+
+def _row_order(r: DefenseResult, keys: Sequence[str]) -> tuple:
+    settings = [_sort_key(r.overrides.get(k, "default")) for k in keys]
+    seed = r.seed if r.seed is not None else -1
+    return r.task, r.attack_variant, settings, _defense_order(r.defense), seed, str(r.job_dir)
+
+
+def _relative(path: Path | str | None, root: Path) -> str:
+    if path is None:
+        return ""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def summary_csv(runs: Runs, keys: Sequence[str]) -> str:
+    """One row per defense result, in table order; rates as fractions, paths relative to the folder."""
+    columns = ["task", "attack_variant", "seed", "defense", *keys, *CSV_METRICS, *PATH_COLUMNS]
+    rows = sorted(runs.results, key=lambda r: _row_order(r, keys))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        values = {
+            "before_clean_acc": r.before["clean_acc"],
+            "before_asr": r.before["asr"],
+            "after_clean_acc": r.after["clean_acc"],
+            "after_asr": r.after["asr"],
+            "pruned_fraction": r.pruned_fraction,
+            "prune_ratio": r.prune_ratio,
+        }
+        writer.writerow(
+            {
+                "task": r.task,
+                "attack_variant": r.attack_variant,
+                "seed": r.seed,
+                "defense": r.defense,
+                **{k: r.overrides.get(k, "default") for k in keys},
+                **{k: "" if v is None else v for k, v in values.items()},
+                "job_dir": _relative(r.job_dir, runs.root),
+                "metrics": _relative(r.metrics_path, runs.root),
+                "train_run": _relative(r.train_run, runs.root),
+                "checkpoint": _relative(r.checkpoint, runs.root),
+            }
+        )
+    return buffer.getvalue()
+
+
+def summary_markdown(runs: Runs, keys: Sequence[str]) -> str:
+    lines = [
+        f"# Results: {runs.root}",
+        "",
+        f"{runs.jobs} jobs, {len(runs.results)} defense results, {len(runs.problems)} failed or incomplete jobs. "
+        "Test split; percent, mean ± sample std over seeds (number of runs).",
+    ]
+    for group in _groups(runs, keys):
+        title = f"{group.task} · {group.attack_variant}"
+        if keys:
+            title += " · " + ", ".join(f"{k}={v}" for k, v in zip(keys, group.settings, strict=True))
+        lines += ["", f"## {title}", "", "| defense | clean accuracy (%) | ASR (%) |", "|---|---|---|"]
+        for defense, results in group.rows.items():
+            clean = format_mean_std([r.after["clean_acc"] for r in results])
+            asr = format_mean_std([r.after["asr"] for r in results])
+            lines.append(f"| {_label(defense)} | {clean} | {asr} |")
+    lines += ["", "## Failed or missing jobs", ""]
+    if not runs.problems:
+        lines.append("None.")
+    for p in runs.problems:
+        overrides = " ".join(p.overrides) or "(no overrides)"
+        text = f"- `{_relative(p.job_dir, runs.root) or '.'}` ({overrides}): {p.status}"
+        if p.missing_defenses:
+            text += "; missing " + ", ".join(p.missing_defenses)
+        if p.error:
+            text += f"; error: {p.error.strip().splitlines()[-1] if p.error.strip() else p.error}"
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def _mean_percent(values: Iterable[float | None]) -> float:
+    present = [100 * v for v in values if v is not None]
+    return statistics.fmean(present) if present else math.nan
+
+
+def _savefig(fig: Any, path: Path) -> None:
+    try:
+        with atomic_path(path, overwrite=True) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _grid(count: int) -> tuple[Any, list[Any]]:
+    cols = min(count, 3)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), dpi=110, squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
+
+
+def plot_summary(path: Path, runs: Runs, keys: Sequence[str]) -> Path:
+    """Bars of clean accuracy and ASR (mean, std as error bar) per defense, one panel per task x variant x setting."""
+    groups = _groups(runs, keys)
+    fig, axes = _grid(max(len(groups), 1))
+    for ax, group in zip(axes, groups, strict=False):
+        names = list(group.rows)
+        for offset, (metric, color, label) in enumerate(
+            [("clean_acc", "tab:blue", "clean accuracy"), ("asr", "tab:red", "attack success rate")]
+        ):
+            means, stds = [], []
+            for name in names:
+                values = [100 * r.after[metric] for r in group.rows[name] if r.after[metric] is not None]
+                means.append(statistics.fmean(values) if values else 0.0)
+                stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            xs = [i + (offset - 0.5) * 0.38 for i in range(len(names))]
+            ax.bar(xs, means, width=0.38, yerr=stds, color=color, label=label, capsize=3)
+        ax.set_xticks(range(len(names)), [_label(n) for n in names], rotation=15)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("% (test)")
+        title = f"{group.task} · {group.attack_variant}"
+        if keys:
+            title += "\n" + ", ".join(f"{k}={v}" for k, v in zip(keys, group.settings, strict=True))
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    if groups:
+        axes[0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    _savefig(fig, path)
+    return path
+
+
+def plot_prune_ratio(path: Path, runs: Runs, keys: Sequence[str]) -> Path | None:
+    """After-defense clean accuracy (solid) and ASR (dashed) against the prune ratio, one colour per defense.
+
+    Drawn only when some pruning defense was run at more than one prune ratio.
+    """
+    pruning = [r for r in runs.results if r.prunes and r.prune_ratio is not None]
+    if len({r.prune_ratio for r in pruning}) < 2:
+        return None
+    panel_keys = [k for k in keys if k.split(".")[-1] != "prune_ratio"]
+    panels: dict[tuple, dict[str, dict[float, list[DefenseResult]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in pruning:
+        panel = (r.task, r.attack_variant, tuple(r.overrides.get(k, "default") for k in panel_keys))
+        panels[panel][r.defense][r.prune_ratio].append(r)
+    fig, axes = _grid(len(panels))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (panel, by_defense) in zip(axes, sorted(panels.items()), strict=True):
+        for i, (defense, by_ratio) in enumerate(sorted(by_defense.items(), key=lambda kv: _defense_order(kv[0]))):
+            ratios = sorted(by_ratio)
+            for metric, style, what in (("clean_acc", "o-", "clean"), ("asr", "s--", "ASR")):
+                means = [_mean_percent([r.after[metric] for r in by_ratio[x]]) for x in ratios]
+                ax.plot(ratios, means, style, color=colors[i % len(colors)], label=f"{_label(defense)}: {what}")
+        title = f"{panel[0]} · {panel[1]}"
+        if panel_keys:
+            title += "\n" + ", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel[2], strict=True))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("prune ratio")
+        ax.set_ylabel("% after the defense (test)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, path)
+    return path
+
+
+class NoRunsError(FileNotFoundError):
+    """The folder holds no job of this project (no job.json, no Hydra job folder)."""
+
+
+def summarize(
+    folder: str | Path, out_dir: str | Path | None = None, job_errors: Mapping[Path, str] | None = None
+) -> Path:
+    """Write summary.csv, summary.md, summary.png (and prune_ratio.png when a prune ratio varies) for every run
+    under ``folder``, into ``out_dir`` (default: ``folder``); return the path of summary.md.
+
+    Files are replaced atomically, so the summary can be rewritten after every job of a sweep.
+    """
+    runs = collect_runs(folder, job_errors)
+    if runs.jobs == 0:
+        raise NoRunsError(f"no runs under {folder}: no job.json and no Hydra job folder (.hydra/overrides.yaml)")
+    out = Path(out_dir) if out_dir is not None else runs.root
+    keys = varying_keys(runs)
+    write_replacing(out / "summary.csv", summary_csv(runs, keys))
+    plot_summary(out / "summary.png", runs, keys)
+    if plot_prune_ratio(out / "prune_ratio.png", runs, keys) is None:
+        (out / "prune_ratio.png").unlink(missing_ok=True)  # a stale plot of an earlier summary would mislead
+    return write_replacing(out / "summary.md", summary_markdown(runs, keys))
