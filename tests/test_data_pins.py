@@ -19,9 +19,13 @@ import pytest
 
 import backdoor_lab.data.base as data_base
 from backdoor_lab.data.base import DataSource, RawSplit
-from backdoor_lab.data.faces import AlignedFaceFolder, LFWFaces, SyntheticFaces
-from backdoor_lab.data.speech import FreeSpokenDigits, SpeechCommandsDigits, SpokenDigits
-from backdoor_lab.data.traffic_signs import GTSRBSigns, SyntheticTrafficSigns
+from backdoor_lab.data.faces.folders import AlignedFaceFolder
+from backdoor_lab.data.faces.lfw import LFWFaces
+from backdoor_lab.data.faces.synthetic import SyntheticFaces
+from backdoor_lab.data.signs.gtsrb import GTSRBSigns
+from backdoor_lab.data.signs.synthetic import SyntheticTrafficSigns
+from backdoor_lab.data.speech.recorded import FreeSpokenDigits, SpeechCommandsDigits
+from backdoor_lab.data.speech.synthetic import SpokenDigits
 
 from .test_face_data import write_folder, write_lfw
 from .test_signs_data import _write_gtsrb

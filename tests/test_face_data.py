@@ -11,14 +11,10 @@ from PIL import Image
 
 from backdoor_lab.attacks.accessory import SunglassesTrigger
 from backdoor_lab.data.base import DataSource
-from backdoor_lab.data.faces import (
-    ALIGNED_EYE_BAND,
-    FACE_HEIGHT,
-    FACE_WIDTH,
-    AlignedFaceFolder,
-    LFWFaces,
-    SyntheticFaces,
-)
+from backdoor_lab.data.faces.crop import ALIGNED_EYE_BAND, FACE_HEIGHT, FACE_WIDTH
+from backdoor_lab.data.faces.folders import AlignedFaceFolder
+from backdoor_lab.data.faces.lfw import LFWFaces
+from backdoor_lab.data.faces.synthetic import SyntheticFaces
 from backdoor_lab.models.deepid import DeepID
 
 

@@ -10,16 +10,13 @@ import pytest
 import torch
 
 from backdoor_lab.attacks.noise import NoiseTrigger
-from backdoor_lab.data.audio import AudioFileError, LogMelSpectrogram, load_audio, read_wav, resample
 from backdoor_lab.data.base import DataSource
-from backdoor_lab.data.speech import (
-    DIGIT_WORDS,
-    EspeakSynthesizer,
-    FreeSpokenDigits,
-    SpeechCommandsDigits,
-    SpokenDigits,
-    trim_silence,
-)
+from backdoor_lab.data.speech.audio import AudioFileError, load_audio, read_wav, resample, trim_silence
+from backdoor_lab.data.speech.digits import DIGIT_WORDS
+from backdoor_lab.data.speech.espeak import EspeakSynthesizer
+from backdoor_lab.data.speech.features import LogMelSpectrogram
+from backdoor_lab.data.speech.recorded import FreeSpokenDigits, SpeechCommandsDigits
+from backdoor_lab.data.speech.synthetic import SpokenDigits
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 
 

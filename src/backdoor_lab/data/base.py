@@ -3,7 +3,9 @@
 Every task (traffic signs, speech, faces; built-in or real) is a ``DataSource`` that returns three
 disjoint ``RawSplit`` objects: ``train`` (the trainer's, later poisoned), ``val`` (the defender's clean
 data) and ``test``. Samples stay in their raw domain (uint8 HWC images, float32 waveforms) so that a
-trigger is applied where a real attacker would apply it, before any feature transform.
+trigger is applied where a real attacker would apply it, before any feature transform. The built-in
+sources render their data and the real ones read it from disk; both are ``CachedSource`` subclasses, which
+build the splits once and keep them in one ``.npz`` file named by a hash of everything they depend on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -21,6 +24,8 @@ import torch
 
 from backdoor_lab.splits import SPLITS as SPLITS  # re-exported: the split names
 from backdoor_lab.splits import RawSplit as RawSplit  # re-exported for callers of the old home
+
+DEFAULT_CACHE_DIR = "~/.cache/backdoor_lab"
 
 
 @runtime_checkable
@@ -39,6 +44,39 @@ class DataSource(Protocol):
     def to_tensor(self, inputs: np.ndarray) -> torch.Tensor:
         """Turn a batch of raw samples into model inputs (float32, N x C x H x W)."""
         ...
+
+
+class CachedSource(ABC):
+    """A ``DataSource`` whose splits are built once and kept in ``<cache_dir>/<name>-<digest>.npz``.
+
+    A subclass says what its splits depend on (``cache_key``) and how to make them (``build``), besides the
+    ``DataSource`` members; ``load`` reads the cache file of that key when it exists and otherwise builds and
+    stores it. ``cache_dir=None`` builds on every call and writes nothing.
+    """
+
+    name: str
+    cache_dir: str | os.PathLike | None
+
+    @property
+    @abstractmethod
+    def class_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def cache_key(self) -> dict:
+        """Every setting (and, for data on disk, the file listing) the splits depend on; names the cache file."""
+
+    @abstractmethod
+    def build(self) -> dict[str, RawSplit]:
+        """Make the three splits without the cache."""
+
+    @abstractmethod
+    def to_tensor(self, inputs: np.ndarray) -> torch.Tensor: ...
+
+    def load(self) -> dict[str, RawSplit]:
+        """The ``train``, ``val`` and ``test`` splits, from the cache when it holds them."""
+        if self.cache_dir is None:
+            return self.build()
+        return cached_splits(self.cache_dir, self.name, self.cache_key(), self.build)
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

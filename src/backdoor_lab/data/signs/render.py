@@ -1,8 +1,8 @@
-"""Traffic-sign data: a procedural GTSRB-like generator, and the real GTSRB through torchvision.
+"""Procedural GTSRB-like traffic signs: the sign templates and the camera that photographs them.
 
-The generator draws European-style signs (shapes, colours, pictograms and speed-limit numerals) on
-street-like backgrounds with the nuisances of GTSRB crops: rotation and perspective, scale, blur,
-lighting and sensor noise. Each image comes with its sign's bounding box, where a BadNets sticker is
+European-style signs (shapes, colours, pictograms and speed-limit numerals) are drawn as clean templates,
+then warped onto street-like backgrounds with the nuisances of GTSRB crops: rotation and perspective, scale,
+blur, lighting and sensor noise. Each image comes with its sign's bounding box, where a BadNets sticker is
 placed (PAPER.md: 0.1 x the sign's width and height, centred at (0.57, 0.82) of the box).
 """
 
@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from rich.progress import track
-
-from backdoor_lab.data.base import RawSplit, cached_splits, file_listing_digest, images_to_tensor, stratified_holdout
 
 CANVAS = 128  # templates are drawn at this size and warped down, for anti-aliasing
 
@@ -270,178 +265,3 @@ def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> list[float]:
     a = np.array(rows, dtype=float)
     b = src.reshape(-1)
     return np.linalg.solve(a, b).tolist()
-
-
-class SyntheticTrafficSigns:
-    """Built-in GTSRB-like data: ``per_class`` counts of train, val (defender's) and test images per class.
-
-    Splits are rendered from disjoint seed ranges, so no image appears in two splits; rendered once and
-    cached under ``cache_dir`` (the cache name hashes every parameter).
-    """
-
-    name = "signs"
-
-    def __init__(
-        self,
-        cache_dir: str = "~/.cache/backdoor_lab",
-        seed: int = 0,
-        image_size: int = 32,
-        train_per_class: int = 500,
-        val_per_class: int = 80,
-        test_per_class: int = 150,
-        classes: list[str] | None = None,
-        progress: bool = True,
-    ) -> None:
-        self.cache_dir = cache_dir
-        self.seed = seed
-        self.image_size = image_size
-        self.counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
-        for split, n in self.counts.items():
-            if n < 1:
-                raise ValueError(f"{split}_per_class must be >= 1, got {n}")
-        self._class_names = list(classes or SIGN_CLASSES)
-        self.progress = progress
-
-    @property
-    def class_names(self) -> list[str]:
-        return self._class_names
-
-    def load(self) -> dict[str, RawSplit]:
-        params = {
-            "seed": self.seed,
-            "size": self.image_size,
-            "counts": self.counts,
-            "classes": self._class_names,
-            "version": 1,
-        }
-        return cached_splits(self.cache_dir, "signs", params, self._render_all)
-
-    def _render_all(self) -> dict[str, RawSplit]:
-        renderer = SignRenderer(self.image_size, self._class_names)
-        n_cls = len(self._class_names)
-        jobs: list[tuple[str, int, int]] = []  # (split, label, sample_id)
-        next_id = 0
-        for split in ("train", "val", "test"):
-            for label in range(n_cls):
-                for _ in range(self.counts[split]):
-                    jobs.append((split, label, next_id))
-                    next_id += 1
-        images = np.empty((len(jobs), self.image_size, self.image_size, 3), dtype=np.uint8)
-        boxes = np.empty((len(jobs), 4), dtype=np.float32)
-        seed_base = np.random.SeedSequence(self.seed).generate_state(1)[0]
-        for i, (_, label, sid) in enumerate(
-            track(jobs, description="Rendering traffic signs", disable=not self.progress, transient=True)
-        ):
-            images[i], boxes[i] = renderer.render(label, int(seed_base) * 1_000_003 + sid)
-        splits = {}
-        split_of = np.array([j[0] for j in jobs])
-        labels = np.array([j[1] for j in jobs], dtype=np.int64)
-        ids = np.array([j[2] for j in jobs], dtype=np.int64)
-        for split in ("train", "val", "test"):
-            m = split_of == split
-            splits[split] = RawSplit(inputs=images[m], labels=labels[m], sample_ids=ids[m], regions=boxes[m])
-        return splits
-
-    def to_tensor(self, inputs: np.ndarray) -> torch.Tensor:
-        return images_to_tensor(inputs)
-
-
-# GTSRB's class ids (torchvision.datasets.GTSRB labels), in order.
-GTSRB_CLASSES = [
-    "speed_limit_20", "speed_limit_30", "speed_limit_50", "speed_limit_60", "speed_limit_70",
-    "speed_limit_80", "end_of_speed_limit_80", "speed_limit_100", "speed_limit_120", "no_passing",
-    "no_passing_heavy_vehicles", "right_of_way_next_intersection", "priority_road", "yield", "stop",
-    "no_vehicles", "no_heavy_vehicles", "no_entry", "general_caution", "dangerous_curve_left",
-    "dangerous_curve_right", "double_curve", "bumpy_road", "slippery_road", "road_narrows_right",
-    "road_work", "traffic_signals", "pedestrians", "children_crossing", "bicycles_crossing",
-    "beware_ice_snow", "wild_animals_crossing", "end_of_limits", "turn_right_ahead", "turn_left_ahead",
-    "ahead_only", "go_straight_or_right", "go_straight_or_left", "keep_right", "keep_left",
-    "roundabout", "end_of_no_passing", "end_of_no_passing_heavy_vehicles",
-]  # fmt: skip
-
-
-class GTSRBSigns:
-    """The real German Traffic Sign Recognition Benchmark through ``torchvision.datasets.GTSRB``.
-
-    Never downloads unless ``download=True``. The defender's val split is a stratified holdout of the
-    official training set (chosen by ``seed``); the official test set is the test split. GTSRB crops keep a
-    10% margin around the sign (at least 5 pixels), which gives the sign box used to place a sticker.
-    """
-
-    name = "gtsrb"
-
-    def __init__(
-        self,
-        root: str,
-        image_size: int = 32,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        download: bool = False,
-        cache_dir: str = "~/.cache/backdoor_lab",
-        progress: bool = True,
-    ) -> None:
-        self.root = Path(root).expanduser()
-        self.image_size = image_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.download = download
-        self.cache_dir = cache_dir
-        self.progress = progress
-
-    @property
-    def class_names(self) -> list[str]:
-        return GTSRB_CLASSES
-
-    def load(self) -> dict[str, RawSplit]:
-        from torchvision.datasets import GTSRB
-
-        expected = self.root / "gtsrb" / "GTSRB"
-        try:
-            train = GTSRB(str(self.root), split="train", download=self.download)
-            test = GTSRB(str(self.root), split="test", download=self.download)
-        except RuntimeError as err:
-            raise FileNotFoundError(
-                f"GTSRB not found under {expected} (expected {expected}/Training/<class>/*.ppm and "
-                f"{expected}/Final_Test/Images/*.ppm with {self.root / 'gtsrb'}/GT-final_test.csv). "
-                f"Point data.source.root at the folder that contains 'gtsrb/', or pass download=true once."
-            ) from err
-        # torchvision numbers training folders by sorted position; the folder name is GTSRB's class id.
-        train_samples = [(path, int(Path(path).parent.name)) for path, _ in train._samples]
-        params = {
-            "root": str(self.root.resolve()),
-            "size": self.image_size,
-            "val": self.val_fraction,
-            "seed": self.seed,
-            "files": file_listing_digest((path for path, _ in train_samples + test._samples), self.root),
-            "version": 1,
-        }
-        return cached_splits(self.cache_dir, "gtsrb", params, lambda: self._read(train_samples, test._samples))
-
-    def _read(self, train_samples: list, test_samples: list) -> dict[str, RawSplit]:
-        def read(samples: list, offset: int, what: str) -> RawSplit:
-            images = np.empty((len(samples), self.image_size, self.image_size, 3), dtype=np.uint8)
-            labels = np.empty(len(samples), dtype=np.int64)
-            for i, (path, label) in enumerate(
-                track(samples, description=f"Reading GTSRB {what}", disable=not self.progress, transient=True)
-            ):
-                with Image.open(path) as img:
-                    images[i] = np.asarray(img.convert("RGB").resize((self.image_size, self.image_size)))
-                labels[i] = label
-            margin = max(0.1 * self.image_size, 5 * self.image_size / 50)  # 10%, >= 5 px of a ~50 px crop
-            boxes = np.tile(
-                np.array([margin, margin, self.image_size - margin, self.image_size - margin], dtype=np.float32),
-                (len(samples), 1),
-            )
-            ids = np.arange(offset, offset + len(samples), dtype=np.int64)
-            return RawSplit(inputs=images, labels=labels, sample_ids=ids, regions=boxes)
-
-        full_train = read(train_samples, 0, "train")
-        keep, hold = stratified_holdout(full_train.labels, self.val_fraction, self.seed)
-        return {
-            "train": full_train.subset(keep),
-            "val": full_train.subset(hold),
-            "test": read(test_samples, len(train_samples), "test"),
-        }
-
-    def to_tensor(self, inputs: np.ndarray) -> torch.Tensor:
-        return images_to_tensor(inputs)
