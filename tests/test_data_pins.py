@@ -95,7 +95,12 @@ def _lfw(tmp: Path) -> DataSource:
 
 def _synthetic_faces(tmp: Path) -> DataSource:
     return SyntheticFaces(
-        num_identities=3, train_per_identity=2, val_per_identity=1, test_per_identity=1, cache_dir=tmp / "cache"
+        num_identities=3,
+        train_per_identity=2,
+        val_per_identity=1,
+        test_per_identity=1,
+        cache_dir=tmp / "cache",
+        progress=False,
     )
 
 

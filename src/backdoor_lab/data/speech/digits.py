@@ -14,8 +14,11 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 
 class SpokenDigitSource(CachedSource):
-    """Base of the speech sources: ten digit classes, float32 mono clips of ``duration_s`` at ``sample_rate``,
-    and ``to_tensor`` giving per-utterance standardised log-mel spectrograms."""
+    """Base of the speech sources: the ten digit classes and log-mel model inputs.
+
+    Every source's waveforms are float32 mono clips of ``duration_s`` seconds at ``sample_rate`` Hz;
+    ``to_tensor`` turns them into per-utterance standardised log-mel spectrograms.
+    """
 
     features: LogMelSpectrogram
 
