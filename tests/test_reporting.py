@@ -317,3 +317,12 @@ def test_sweep_summary_callback_keeps_the_summary_of_a_sweep_with_a_failed_job(t
         assert announced == 3  # the jobs after the failure ran; on_multirun_end did not
         assert "| Initial | 90.00 ± 0.00 (2) | 80.00 ± 0.00 (2) |" in text
         assert "- `1` (seed=1 fail_seed=1): missing; error: ValueError: seed 1 is out of range" in text
+
+
+def test_an_unreadable_result_is_listed_and_the_rest_kept(sweep: Path) -> None:
+    (sweep / "1" / "defense" / "fine_pruning" / "metrics.json").write_text('{"kind": "defense", "bef')
+    text = summarize(sweep).read_text()
+    assert "| Fine-pruning | 98.00 ± 1.41 (2) | 35.00 ± 35.36 (2) |" in text  # seeds 0 and 2
+    assert "| Fine-tuning | 96.00 ± 1.00 (3) | 50.00 ± 0.00 (3) |" in text
+    assert "- `1` (experiment=signs_badnets seed=1 fine_tune.epochs=5): done; missing fine_pruning; error: " in text
+    assert "unreadable defense/fine_pruning/metrics.json: Unterminated string" in text

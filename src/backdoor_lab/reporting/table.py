@@ -217,6 +217,10 @@ def _job_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: [int(part) if part.isdigit() else part for part in d.relative_to(root).parts])
 
 
+# What a half-copied, hand-edited or foreign file raises when read: reported against its job, never fatal.
+UNREADABLE = (OSError, ValueError, TypeError, AttributeError, KeyError)
+
+
 def collect_runs(folder: str | Path, job_errors: Mapping[Path, str] | None = None) -> Runs:
     """Read every job under ``folder``. ``job_errors``: errors known from elsewhere (a Hydra callback's
     ``JobReturn``) for jobs that died before writing their job.json."""
@@ -229,28 +233,43 @@ def collect_runs(folder: str | Path, job_errors: Mapping[Path, str] | None = Non
         runs.jobs += 1
         job_path = job_dir / JOB_FILE
         if not job_path.is_file():
-            error = known_errors.get(job_dir) or "no job.json: the job failed before it started, or is still starting"
+            error = known_errors.get(job_dir) or (
+                "no job.json: a run from before job.json was recorded"
+                if (job_dir / METRICS_FILE).is_file()
+                else "no job.json: the job failed before it started, or is still starting"
+            )
             runs.problems.append(JobProblem(job_dir, _hydra_overrides(job_dir), "missing", error, []))
             continue
-        job = _read_json(job_path)
-        override_list = [str(o) for o in job.get("overrides", _hydra_overrides(job_dir))]
+        try:
+            job = _read_json(job_path)
+            override_list = [str(o) for o in job.get("overrides", _hydra_overrides(job_dir))]
+            expected = [str(d) for d in job.get("defenses", [])]
+        except UNREADABLE as err:
+            runs.problems.append(JobProblem(job_dir, _hydra_overrides(job_dir), "unreadable", f"{job_path}: {err}", []))
+            continue
         overrides = parse_overrides(override_list)
         train_run = job.get("train_run")
-        results = [
-            _defense_result(job_dir, path, overrides, train_run)
-            for path in sorted((job_dir / DEFENSE_DIR).glob(f"*/{METRICS_FILE}"))
-        ]
+        results, read_errors = [], []
+        for path in sorted((job_dir / DEFENSE_DIR).glob(f"*/{METRICS_FILE}")):
+            try:
+                results.append(_defense_result(job_dir, path, overrides, train_run))
+            except UNREADABLE as err:
+                read_errors.append(f"unreadable {path.relative_to(job_dir)}: {err}")
         runs.results.extend(results)
-        initial = _initial(job_dir, results, overrides, train_run, root)
+        try:
+            initial = _initial(job_dir, results, overrides, train_run, root)
+        except UNREADABLE as err:
+            initial, read_errors = None, [*read_errors, f"unreadable train run metrics: {err}"]
         if initial is not None:
             runs.initial.append(initial)
         finished = {r.defense for r in results}
-        missing = [d for d in job.get("defenses", []) if d not in finished]
+        missing = [d for d in expected if d not in finished]
         status = str(job.get("status", "unknown"))
-        if status != "done" or missing:
+        if status != "done" or missing or read_errors:
             error = job.get("error") or known_errors.get(job_dir)
             if status == "running" and not error:
                 error = "job.json says running: still running, or killed before it could record a failure"
+            error = "; ".join(str(e) for e in (*read_errors, error) if e) or None
             runs.problems.append(JobProblem(job_dir, override_list, status, error, missing))
     return runs
 
