@@ -2,7 +2,7 @@
 
 A reader (a summary run by a Hydra callback while other jobs write, or a person) never sees half a file. Run
 results are written once and never overwritten (``write_new``); a sweep's own summary is rewritten as jobs end
-(``write_replacing``).
+(``write_replace``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def write_new(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_replacing(path: str | Path, text: str) -> Path:
+def write_replace(path: str | Path, text: str) -> Path:
     """Write ``text`` atomically, replacing an earlier version (a sweep's summary, rewritten as jobs end)."""
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(text)

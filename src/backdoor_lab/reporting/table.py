@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from backdoor_lab.reporting.files import atomic_path, write_replacing  # noqa: E402
+from backdoor_lab.reporting.files import atomic_path, write_replace  # noqa: E402
 
 JOB_FILE = "job.json"
 DEFENSE_DIR = "defense"
@@ -523,8 +523,8 @@ def summarize(
         raise NoRunsError(f"no runs under {folder}: no job.json and no Hydra job folder (.hydra/overrides.yaml)")
     out = Path(out_dir) if out_dir is not None else runs.root
     keys = varying_keys(runs)
-    write_replacing(out / "summary.csv", summary_csv(runs, keys))
+    write_replace(out / "summary.csv", summary_csv(runs, keys))
     plot_summary(out / "summary.png", runs, keys)
     if plot_prune_ratio(out / "prune_ratio.png", runs, keys) is None:
         (out / "prune_ratio.png").unlink(missing_ok=True)  # a stale plot of an earlier summary would mislead
-    return write_replacing(out / "summary.md", summary_markdown(runs, keys))
+    return write_replace(out / "summary.md", summary_markdown(runs, keys))
