@@ -1,26 +1,30 @@
-"""train.py / defend.py through the real Hydra configs, shrunk to tiny sizes."""
+"""train.py / defend.py through the real Hydra configs, shrunk to tiny sizes.
+
+Trained tiny models are shared through session fixtures: one job per task trains and applies all four
+defenses, and many tests read its result folders. Protocol assertions (rollback, fine-tuning on the
+defender's clean split only, fine-tuning changed the weights) are checked on every pruning/fine-tuning result.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import open_dict
+from omegaconf import DictConfig, open_dict
 
-from backdoor_lab.checkpoints import read_state_dict
-from backdoor_lab.pipeline import defend, train
-from backdoor_lab.reporting import write_json
+from backdoor_lab.checkpoints import load_weights, read_state_dict
+from backdoor_lab.defenses.base import Defense
+from backdoor_lab.pipeline import build_datamodule, build_defense, build_model, defend, train
 
-from .conftest import CONF, ROOT
+from .conftest import CONF
 
 TINY_SIGNS = [
     "data.source.train_per_class=12",
@@ -29,178 +33,6 @@ TINY_SIGNS = [
     "trainer.max_epochs=1",
     "callbacks.progress_bar=null",
 ]
-
-
-def _compose(name: str, tmp_path: Path, run: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.output_dir = str(tmp_path / "outputs")
-        run_dir = tmp_path / "outputs" / name / f"{cfg.data.name}-{cfg.attack.name}" / run
-        cfg.paths.run_dir = str(run_dir)
-    return cfg
-
-
-@pytest.mark.parametrize("script", ["train", "defend"])
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
-def test_every_experiment_composes_and_instantiates(script: str, experiment: str, tmp_path: Path) -> None:
-    cfg = _compose(script, tmp_path, "r", [f"experiment={experiment}"])
-    try:
-        source = instantiate(cfg.data.source)
-        source.class_names  # noqa: B018 - real-data sources list their classes from disk
-    except Exception as err:  # real data sets are not on this machine: the error must name where to put them
-        cause = err if isinstance(err, FileNotFoundError) else err.__cause__
-        assert isinstance(cause, FileNotFoundError) and str(tmp_path / "data") in str(cause), repr(err)
-        return
-    assert source.class_names and hasattr(source, "load")
-    assert hasattr(instantiate(cfg.attack.trigger), "apply")
-    mapping = instantiate(cfg.attack.mapping).bind(source.class_names)
-    net = instantiate(cfg.model.net, num_classes=len(source.class_names))
-    assert any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-    assert 0 < cfg.attack.poison_rate <= 1 and mapping is not None
-
-
-def test_train_then_fine_prune_writes_all_results(tmp_path: Path) -> None:
-    train_cfg = _compose("train", tmp_path, "run1", TINY_SIGNS)
-    train_metrics = train(train_cfg)
-    train_dir = Path(train_cfg.paths.run_dir)
-    saved = json.loads((train_dir / "metrics.json").read_text())
-    assert saved["clean_acc"] == pytest.approx(train_metrics["clean_acc"])
-    assert 0.0 <= saved["asr"] <= 1.0 and saved["data"]["train_poisoned"] == 12
-    assert (train_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (train_dir / "csv" / "metrics.csv").is_file()
-
-    defend_cfg = _compose("defend", tmp_path, "d1", [*TINY_SIGNS, "defense.step=32"])
-    metrics = defend(defend_cfg)  # no ckpt_path: the newest finished training run of signs-badnets
-    out = Path(defend_cfg.paths.run_dir)
-    assert metrics["checkpoint"] == str(train_dir / "checkpoints" / "last.ckpt")
-    saved = json.loads((out / "metrics.json").read_text())
-    assert set(saved["before"]) == {"clean_acc", "asr"} and set(saved["after"]) == {"clean_acc", "asr"}
-    assert saved["before"]["clean_acc"] == pytest.approx(train_metrics["clean_acc"], abs=1e-6)
-    assert saved["layer"] == "net.conv5"
-    ranks = saved["trigger_channel_ranks"]
-    assert len(ranks) == 10 and all(0 <= r < 256 for r in ranks) and ranks == sorted(ranks)
-    assert len(saved["pruned_channels"]) == round(saved["pruned_fraction"] * 256)
-    rows = list(csv.DictReader((out / "prune_curve.csv").open()))
-    assert [int(r["pruned"]) for r in rows][:3] == [0, 32, 64] and int(rows[-1]["pruned"]) == 255  # full curve
-    assert all(r["asr"] != "" for r in rows)
-    assert (out / "prune_curve.png").stat().st_size > 10_000
-    weights = read_state_dict(out / "defended.safetensors")
-    pruned = saved["pruned_channels"]
-    if pruned:
-        assert (
-            weights["net.conv5.weight"][pruned].abs().max() == 0 and weights["net.conv5.bias"][pruned].abs().max() == 0
-        )
-
-
-def test_fixed_prune_ratio_and_pruning_alone(tmp_path: Path) -> None:
-    train(_compose("train", tmp_path, "run1", TINY_SIGNS))
-    cfg = _compose(
-        "defend",
-        tmp_path,
-        "d1",
-        [*TINY_SIGNS, "defense=pruning", "defense.prune_ratio=0.5", "defense.full_curve=false", "defense.step=64"],
-    )
-    metrics = defend(cfg)
-    assert metrics["pruned_fraction"] == 0.5 and len(metrics["pruned_channels"]) == 128
-    assert metrics["fine_tune_epochs"] == 0
-    assert [p["pruned"] for p in metrics["prune_curve"]] == [0, 64, 128]
-
-
-@pytest.mark.parametrize(
-    "override, error, match",
-    [
-        ("defense.prune_ratio=1.0", MisconfigurationException, "prune_ratio"),
-        ("defense.max_accuracy_drop=-0.1", MisconfigurationException, "max_accuracy_drop"),
-        ("ckpt_path=/nonexistent/model.ckpt", FileNotFoundError, "/nonexistent/model.ckpt"),
-        ("defense.layer=net.fc", ValueError, r"conv layers are: \['net.conv1'"),
-    ],
-)
-def test_defend_rejects_bad_input_early(override: str, error: type, match: str, tmp_path: Path) -> None:
-    ckpt = tmp_path / "plain.pt"
-    from backdoor_lab.models.classifier import BackdoorClassifier  # noqa: F401 - the model the config builds
-    from backdoor_lab.models.traffic_cnn import TrafficSignCNN
-
-    torch.save({"state_dict": {f"net.{k}": v for k, v in TrafficSignCNN(18).state_dict().items()}}, ckpt)
-    overrides = [*TINY_SIGNS, override] + ([] if override.startswith("ckpt_path") else [f"ckpt_path={ckpt}"])
-    with pytest.raises(error, match=match):
-        defend(_compose("defend", tmp_path, "bad", overrides))
-    assert not (tmp_path / "outputs" / "defend" / "signs-badnets" / "bad" / "metrics.json").exists()
-
-
-def test_defend_without_training_run_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="run train.py with the same data and attack first"):
-        defend(_compose("defend", tmp_path, "d", TINY_SIGNS))
-
-
-def test_checkpoints_are_never_unpickled(tmp_path: Path) -> None:
-    class Payload:
-        def __reduce__(self):
-            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
-
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "extra": Payload()}, evil)
-    with pytest.raises(ValueError, match="weights_only"):
-        read_state_dict(evil)
-    assert not (tmp_path / "pwned").exists()
-
-
-def test_results_are_never_overwritten(tmp_path: Path) -> None:
-    write_json(tmp_path / "metrics.json", {"a": 1.0, "b": float("nan")})
-    assert json.loads((tmp_path / "metrics.json").read_text()) == {"a": 1.0, "b": None}
-    with pytest.raises(FileExistsError):
-        write_json(tmp_path / "metrics.json", {"a": 2.0})
-
-
-def _cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def test_cli_train_and_defend_sweep_over_prune_ratios(tmp_path: Path) -> None:
-    common = [*TINY_SIGNS, f"paths.output_dir={tmp_path}/outputs", "threads=1"]
-    done = _cli("train.py", *common, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    sweep = _cli(
-        "defend.py",
-        "-m",
-        "defense.prune_ratio=0.25,0.5",
-        "defense.fine_tune_epochs=1",
-        "defense.full_curve=false",
-        "defense.step=64",
-        *common,
-        cwd=tmp_path,
-    )
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
-    summaries = list((tmp_path / "outputs" / "defend" / "signs-badnets").glob("multirun-*/summary.csv"))
-    assert len(summaries) == 1
-    rows = list(csv.DictReader(summaries[0].open()))
-    assert sorted((float(r["defense.prune_ratio"]), float(r["pruned_fraction"])) for r in rows) == [
-        (0.25, 0.25),
-        (0.5, 0.5),
-    ]
-    assert (summaries[0].parent / "summary.png").is_file()
-    assert "Defending the newest checkpoint" in sweep.stderr + sweep.stdout
-
-
-def test_wandb_logger_runs_offline_and_is_closed(tmp_path: Path) -> None:
-    import wandb
-
-    train(_compose("train", tmp_path, "run1", TINY_SIGNS))
-    cfg = _compose(
-        "defend", tmp_path, "d1", [*TINY_SIGNS, "logger=many", "defense.step=128", "defense.fine_tune_epochs=1"]
-    )
-    defend(cfg)
-    run_dir = Path(cfg.paths.run_dir)
-    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
-    assert (run_dir / "csv" / "metrics.csv").is_file()
-    assert wandb.run is None, "task_wrapper must finish the W&B run so that multirun jobs do not share one"
-
-
 TINY_FACES = [
     "experiment=face_sunglasses",
     "data.source.num_identities=6",
@@ -211,27 +43,6 @@ TINY_FACES = [
     "trainer.max_epochs=1",
     "callbacks.progress_bar=null",
 ]
-
-
-def test_face_task_trains_and_fine_prunes_conv3_through_hydra(tmp_path: Path) -> None:
-    trained = train(_compose("train", tmp_path, "t", TINY_FACES))
-    assert trained["data"]["classes"] == 6 and trained["data"]["train_poisoned"] == round(0.2 * 40)
-    cfg = _compose("defend", tmp_path, "d", [*TINY_FACES, "defense.fine_tune_epochs=1"])
-    metrics = defend(cfg)
-    assert metrics["layer"] == "net.conv3" and metrics["data"]["test_triggered"] == 5 * 3
-    assert [p["pruned"] for p in metrics["prune_curve"]][:3] == [0, 1, 2]  # 60 channels: one per step
-    assert len(metrics["pruned_channels"]) == round(metrics["pruned_fraction"] * 60)
-    assert (Path(cfg.paths.run_dir) / "prune_curve.png").is_file()
-
-
-def test_unknown_target_identity_lists_valid_ones(tmp_path: Path) -> None:
-    from backdoor_lab.pipeline import build_datamodule
-
-    cfg = _compose("train", tmp_path, "t", [*TINY_FACES, "attack.mapping.target_class=nobody"])
-    with pytest.raises(ValueError, match=r"unknown class 'nobody'; valid classes are \['person_0000'"):
-        build_datamodule(cfg)
-
-
 TINY_SPEECH = [
     "experiment=speech_noise",
     "data.source.n_utterances=60",
@@ -242,31 +53,302 @@ TINY_SPEECH = [
     "trainer.max_epochs=1",
     "callbacks.progress_bar=null",
 ]
+TINY = {"signs_badnets": TINY_SIGNS, "speech_noise": TINY_SPEECH, "face_sunglasses": TINY_FACES}
+ALL_DEFENSES = "defenses=[none,fine_tuning,pruning,fine_pruning]"
+# The settings the golden metrics were recorded with (tests/golden/tiny_metrics.json).
+GOLDEN_DEFENSE = [ALL_DEFENSES, "fine_tune.epochs=1", "prune.step=8"]
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_metrics.json").read_text())
 
 
-def test_speech_task_trains_and_fine_prunes_conv5_through_hydra(tmp_path: Path) -> None:
-    trained = train(_compose("train", tmp_path, "t", TINY_SPEECH))
-    data = trained["data"]
-    assert data["classes"] == 10 and data["test"] == 20 and data["val"] == 10
-    assert data["train_poisoned"] == round(0.5 * data["train_clean"])
-    # All-to-all: every triggered test utterance counts, its attack target being (digit + 1) mod 10.
-    assert data["test_triggered"] == 20
-    cfg = _compose("defend", tmp_path, "d", [*TINY_SPEECH, "defense.fine_tune_epochs=1"])
-    metrics = defend(cfg)
-    assert metrics["layer"] == "net.conv5" and metrics["activation_layer"] == "net.relu5"
-    assert len(metrics["pruned_channels"]) == round(metrics["pruned_fraction"] * 64)
-    assert 0.0 <= metrics["after"]["asr"] <= 1.0
-    assert (Path(cfg.paths.run_dir) / "prune_curve.csv").is_file()
+def compose_run(name: str, root: Path, run: str, overrides: list[str]) -> DictConfig:
+    """The real config of ``train``/``defend`` with all outputs under ``root`` and this job's folder ``run``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(root)
+        cfg.paths.output_dir = str(root / "outputs")
+        cfg.paths.run_dir = str(root / "outputs" / name / run)
+    return cfg
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def experiment_overrides(experiment: str) -> list[str]:
+    tiny = [o for o in TINY[experiment] if not o.startswith("experiment=")]
+    return [f"experiment={experiment}", *tiny]
+
+
+@pytest.fixture(scope="session")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One train.py job per built-in task: tiny training, then all four defenses. Returns the job folders."""
+    folders = {}
+    for experiment in TINY:
+        root = tmp_path_factory.mktemp(experiment)
+        cfg = compose_run("train", root, "job", [*experiment_overrides(experiment), *GOLDEN_DEFENSE])
+        train(cfg)
+        folders[experiment] = Path(cfg.paths.run_dir)
+    return folders
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("script", ["train", "defend"])
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_builds_its_objects(script: str, experiment: str, tmp_path: Path) -> None:
+    cfg = compose_run(script, tmp_path, "r", [f"experiment={experiment}", ALL_DEFENSES])
+    assert cfg.model.prune_layer in {"net.conv5", "net.conv3"}
+    try:
+        dm = build_datamodule(cfg, setup=False)
+        class_names = dm.class_names  # real-data sources list their classes from disk
+    except Exception as err:  # real data sets are not on this machine: the error must name where to put them
+        cause = err if isinstance(err, FileNotFoundError) else err.__cause__
+        assert isinstance(cause, FileNotFoundError) and str(tmp_path / "data") in str(cause), repr(err)
+        return
+    attack = dm.attack.for_classes(class_names)
+    assert attack.mapping.eligible(torch.arange(len(class_names)).numpy()).any()
+    model = build_model(cfg, len(class_names))
+    names = dict(model.named_modules())
+    assert isinstance(names[model.prune_layer], torch.nn.Conv2d) and model.rank_layer in names
+    for name in ("none", "fine_tuning", "pruning", "fine_pruning"):
+        defense = build_defense(cfg, name)
+        assert isinstance(defense, Defense) and defense.name == name
+        defense.check(model)
+    if experiment.endswith("_pruning_aware"):
+        assert instantiate(cfg.pruning_aware).prune_fraction == pytest.approx(0.8)
+
+
+def test_model_configs_name_their_pruned_layer_and_deepid_prunes_conv3(tmp_path: Path) -> None:
+    cfg = compose_run("defend", tmp_path, "r", ["model=deepid", "data=face"])
+    assert (cfg.prune.layer, cfg.prune.rank_layer) == ("net.conv3", "net.pool3")
+    callback = build_defense(cfg, "fine_pruning").settings.callback(build_model(cfg, 10))
+    assert callback.layer == "net.conv3" and callback.activation_layer == "net.pool3"
+
+
+def test_fine_tuning_and_fine_pruning_share_one_budget(tmp_path: Path) -> None:
+    cfg = compose_run("train", tmp_path, "r", ["fine_tune.epochs=7", "fine_tune.optimizer.lr=0.003"])
+    fine_tuning, fine_pruning = build_defense(cfg, "fine_tuning"), build_defense(cfg, "fine_pruning")
+    assert repr(fine_tuning.budget) == repr(fine_pruning.budget) and fine_tuning.budget.epochs == 7
+    assert "lr=0.003" in repr(fine_pruning.budget.optimizer)
+    assert cfg.trainer.max_epochs == 15  # the training length is not touched by the defense budget
+
+
+# ----------------------------------------------------------------------------- behaviour pinned
+@pytest.mark.parametrize("experiment", list(TINY))
+def test_tiny_runs_give_the_pinned_metrics(experiment: str, jobs: dict[str, Path]) -> None:
+    """The layout moves and the defense plug-ins changed no number (values recorded with the earlier code)."""
+    job = jobs[experiment]
+    golden = GOLDEN[experiment]
+    trained = read_json(job / "metrics.json")
+    assert (trained["clean_acc"], trained["asr"]) == (golden["train"]["clean_acc"], golden["train"]["asr"])
+    for name in ("none", "fine_tuning", "pruning", "fine_pruning"):
+        result = read_json(job / "defense" / name / "metrics.json")
+        assert result["before"] == golden[name]["before"], name
+        assert result["after"] == golden[name]["after"], name
+        assert result["pruned_channels"] == golden[name]["pruned_channels"], name
+
+
+# ----------------------------------------------------------------------------- the protocol
+@pytest.mark.parametrize("experiment", list(TINY))
+def test_every_result_records_what_produced_it(experiment: str, jobs: dict[str, Path]) -> None:
+    job = jobs[experiment]
+    trained = read_json(job / "metrics.json")
+    assert trained["kind"] == "train" and trained["attack_variant"] == "baseline" and trained["seed"] == 0
+    assert trained["training_config"]["attack.poison_rate"] == trained["config"]["attack"]["poison_rate"]
+    assert trained["checkpoint"] == str(job / "model.safetensors") and (job / "model.safetensors").is_file()
+    status = read_json(job / "job.json")
+    assert status["status"] == "done" and status["defenses"] == ["none", "fine_tuning", "pruning", "fine_pruning"]
+    for name in status["defenses"]:
+        result = read_json(job / "defense" / name / "metrics.json")
+        assert result["defense"] == name and result["train_run"] == str(job)
+        assert result["train_key"] == trained["train_key"] and result["checkpoint"] == trained["checkpoint"]
+        assert result["config"]["defense"]["name"] == name and result["config"]["seed"] == 0
+        assert result["data_summary"]["fit_on"] == "defender_clean"
+    pruning = read_json(job / "defense" / "fine_pruning" / "metrics.json")["config"]
+    assert (
+        pruning["defense"]["prune"]["max_accuracy_drop"] == 0.04 and pruning["defense"]["prune"]["prune_ratio"] is None
+    )
+    assert pruning["defense"]["fine_tune"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("experiment", list(TINY))
+def test_pruning_keeps_the_last_passing_mask(experiment: str, jobs: dict[str, Path]) -> None:
+    for name in ("pruning", "fine_pruning"):
+        result = read_json(jobs[experiment] / "defense" / name / "metrics.json")
+        curve = result["prune_curve"]
+        n = result["num_channels"]
+        assert [p["pruned"] for p in curve][:2] == [0, 8] and curve[-1]["pruned"] == n - 1  # full curve, never all
+        floor = curve[0]["clean_acc"] - 0.04
+        first_fail = next((i for i, p in enumerate(curve) if p["clean_acc"] < floor), len(curve))
+        kept = curve[first_fail - 1]
+        assert len(result["pruned_channels"]) == kept["pruned"] and kept["clean_acc"] >= floor
+        assert result["pruned_channels"] == result["pruning_order"][: kept["pruned"]]
+        activation_order = result["pruning_order"]
+        assert sorted(activation_order) == list(range(n))
+        rows = list(csv.DictReader((jobs[experiment] / "defense" / name / "prune_curve.csv").open()))
+        assert [int(r["pruned"]) for r in rows] == [p["pruned"] for p in curve]
+        assert [float(r["clean_acc"]) for r in rows] == pytest.approx([p["clean_acc"] for p in curve])
+
+
+def _conv(state: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
+    return state[f"{layer}.weight"]
+
+
+@pytest.mark.parametrize("experiment", list(TINY))
+def test_defenses_change_exactly_what_they_should(experiment: str, jobs: dict[str, Path]) -> None:
+    job = jobs[experiment]
+    trained = read_state_dict(job / "model.safetensors")
+    results = {
+        n: read_json(job / "defense" / n / "metrics.json") for n in ("none", "fine_tuning", "pruning", "fine_pruning")
+    }
+    defended = {n: read_state_dict(job / "defense" / n / "defended.safetensors") for n in results}
+    layer = results["fine_pruning"]["layer"]
+    n_val = results["fine_pruning"]["data_summary"]["val"]
+    batch = read_json(job / "metrics.json")["config"]["data"]["batch_size"]
+    steps_per_epoch = math.ceil(n_val / batch)
+
+    # none: untouched weights, same numbers.
+    assert all(torch.equal(defended["none"][k], v) for k, v in trained.items())
+    assert results["none"]["after"] == results["none"]["before"]
+    # Fine-tuning trains on the defender's clean split only: one epoch is ceil(val / batch) steps.
+    for name in ("fine_tuning", "fine_pruning"):
+        assert results[name]["fine_tune"] == {"epochs": 1, "steps": steps_per_epoch}, name
+    assert not torch.equal(defended["fine_tuning"]["net.conv1.weight"], trained["net.conv1.weight"])
+    # Pruning alone: pruned channels zero, every other weight exactly as trained.
+    pruned = results["pruning"]["pruned_channels"]
+    assert pruned and _conv(defended["pruning"], layer)[pruned].abs().max() == 0
+    kept = [c for c in range(results["pruning"]["num_channels"]) if c not in set(pruned)]
+    assert torch.equal(_conv(defended["pruning"], layer)[kept], _conv(trained, layer)[kept])
+    assert torch.equal(defended["pruning"]["net.conv1.weight"], trained["net.conv1.weight"])
+    # Fine-pruning: pruned channels stay zero through fine-tuning, the others were fine-tuned.
+    pruned = results["fine_pruning"]["pruned_channels"]
+    kept = [c for c in range(results["fine_pruning"]["num_channels"]) if c not in set(pruned)]
+    assert _conv(defended["fine_pruning"], layer)[pruned].abs().max() == 0
+    assert defended["fine_pruning"][f"{layer}.bias"][pruned].abs().max() == 0
+    assert not torch.equal(_conv(defended["fine_pruning"], layer)[kept], _conv(trained, layer)[kept])
+
+
+def test_stop_rule_rolls_back_to_the_last_passing_mask_on_a_sharp_threshold(jobs: dict[str, Path]) -> None:
+    """With no accuracy drop allowed, the first measured drop stops pruning, and the mask before it is kept."""
+    job = jobs["face_sunglasses"]
+    cfg = compose_run(
+        "defend",
+        job.parent.parent.parent,
+        "sharp",
+        [*TINY_FACES, "defenses=[pruning]", "prune.max_accuracy_drop=0.0", f"ckpt_path={job / 'model.safetensors'}"],
+    )
+    result = defend(cfg)["defenses"]["pruning"]
+    curve = result["prune_curve"]
+    fails = [i for i, p in enumerate(curve) if p["clean_acc"] < curve[0]["clean_acc"]]
+    assert fails, "the tiny face model must lose accuracy somewhere along its full curve"
+    assert len(result["pruned_channels"]) == curve[fails[0] - 1]["pruned"]
+    assert result["after"]["clean_acc"] != result["before"]["clean_acc"] or result["pruned_channels"] == []
+
+
+# ----------------------------------------------------------------------------- pairing runs
+def test_identical_training_is_reused_and_other_settings_are_not(tmp_path: Path) -> None:
+    first = compose_run("train", tmp_path, "a", TINY_SIGNS)
+    train(first)
+    again = compose_run("train", tmp_path, "b", [*TINY_SIGNS, "defenses=[none]"])
+    result = train(again)
+    assert result["train"]["run_dir"] == first.paths.run_dir
+    assert not (Path(again.paths.run_dir) / "model.safetensors").exists()
+    assert read_json(Path(again.paths.run_dir) / "job.json")["train_run"] == first.paths.run_dir
+    other = compose_run("train", tmp_path, "c", [*TINY_SIGNS, "seed=1"])
+    assert train(other)["train"]["run_dir"] == other.paths.run_dir
+
+
+def test_defend_picks_the_matching_run_not_the_newest_and_refuses_a_mismatched_checkpoint(tmp_path: Path) -> None:
+    seed0 = compose_run("train", tmp_path, "seed0", TINY_SIGNS)
+    train(seed0)
+    seed1 = compose_run("train", tmp_path, "seed1", [*TINY_SIGNS, "seed=1"])
+    train(seed1)  # newer
+    cfg = compose_run("defend", tmp_path, "d", [*TINY_SIGNS, "defenses=[none]"])
+    result = defend(cfg)["defenses"]["none"]
+    assert result["train_run"] == seed0.paths.run_dir
+    mismatched = compose_run(
+        "defend",
+        tmp_path,
+        "d2",
+        [*TINY_SIGNS, "attack.poison_rate=0.5", f"ckpt_path={seed1.paths.run_dir}/model.safetensors"],
+    )
+    with pytest.raises(ValueError, match=r"attack\.poison_rate: 1\.0 \(checkpoint\) vs 0\.5 \(this run\)") as err:
+        defend(mismatched)
+    assert "seed: 1 (checkpoint) vs 0 (this run)" in str(err.value)
+    assert not (tmp_path / "outputs" / "defend" / "d2" / "job.json").exists()
+
+
+def test_defend_without_matching_training_run_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run train.py with the same overrides first"):
+        defend(compose_run("defend", tmp_path, "d", TINY_SIGNS))
+
+
+# ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
-    ("attack", "expected_targets"),
-    [("noise", [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]), ("noise_all_to_one", [0] * 10)],
+    "override, error, match",
+    [
+        ("prune.prune_ratio=1.0", MisconfigurationException, "prune_ratio"),
+        ("prune.max_accuracy_drop=-0.1", MisconfigurationException, "max_accuracy_drop"),
+        ("prune.layer=net.classifier.1", ValueError, r"is a Linear, not a Conv2d; conv layers: \['net.conv1'"),
+        ("defenses=[fine_pruning,nope]", ValueError, r"unknown defense 'nope'; available: \['fine_pruning'"),
+        ("fine_tune.epochs=-1", ValueError, "fine_tune.epochs must be an integer >= 0"),
+        ("attack.poison_rate=0", ValueError, r"attack.poison_rate must be in \(0, 1\]"),
+    ],
 )
-def test_speech_attack_configs_map_digits(attack: str, expected_targets: list[int], tmp_path: Path) -> None:
-    import numpy as np
+def test_bad_settings_fail_before_any_work(override: str, error: type, match: str, tmp_path: Path) -> None:
+    cfg = compose_run("train", tmp_path, "bad", [*TINY_SIGNS, ALL_DEFENSES, override])
+    with pytest.raises(error, match=match):
+        train(cfg)
+    assert not (tmp_path / "outputs" / "train" / "bad").exists()  # nothing was written, nothing was trained
 
-    cfg = _compose("train", tmp_path, "r", ["experiment=speech_noise", f"attack={attack}"])
-    assert cfg.attack.trigger.sample_rate == cfg.data.source.sample_rate
-    mapping = instantiate(cfg.attack.mapping).bind([f"d{i}" if i else "zero" for i in range(10)])
-    assert mapping.target(np.arange(10)).tolist() == expected_targets
+
+def test_a_folder_with_results_is_never_reused(tmp_path: Path) -> None:
+    cfg = compose_run("train", tmp_path, "r", TINY_SIGNS)
+    train(cfg)
+    before = (Path(cfg.paths.run_dir) / "metrics.json").read_bytes()
+    again = compose_run("train", tmp_path, "r", [*TINY_SIGNS, "seed=3"])
+    with pytest.raises(FileExistsError, match="results are never overwritten"):
+        train(again)
+    assert (Path(cfg.paths.run_dir) / "metrics.json").read_bytes() == before
+
+
+def test_defend_checkpoint_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        defend(compose_run("defend", tmp_path, "d", [*TINY_SIGNS, f"ckpt_path={tmp_path}"]))
+    with pytest.raises(FileNotFoundError, match="/nonexistent/model.ckpt"):
+        defend(compose_run("defend", tmp_path, "d", [*TINY_SIGNS, "ckpt_path=/nonexistent/model.ckpt"]))
+
+
+# ----------------------------------------------------------------------------- the pruning-aware attack
+def test_pruning_aware_attack_records_its_stages_and_its_decoys_are_pruned_first(tmp_path: Path) -> None:
+    cfg = compose_run(
+        "train",
+        tmp_path,
+        "pa",
+        [
+            *experiment_overrides("face_sunglasses"),
+            "experiment=face_sunglasses_pruning_aware",
+            "defenses=[fine_pruning]",
+            "fine_tune.epochs=1",
+        ],
+    )
+    result = train(cfg)
+    trained = result["train"]
+    assert trained["attack_variant"] == "pruning_aware"
+    assert list(trained["stages"]) == ["clean", "pruned", "poisoned_pruned", "decoys_reinstated"]
+    decoys = trained["decoy_channels"]
+    assert len(decoys) == round(0.8 * 60)
+    # The checkpoint is plain weights of the stock DeepID: the decoys carry their weights and a -1e20 bias.
+    state = read_state_dict(Path(trained["checkpoint"]))
+    assert set(state) == set(build_model(cfg, 6).state_dict())
+    assert torch.all(state["net.conv3.bias"][decoys] == -1e20)
+    assert state["net.conv3.weight"][decoys].abs().sum() > 0
+    model = build_model(cfg, 6)
+    load_weights(model, trained["checkpoint"])
+    # The defender ranks on its own clean data: the decoys are dead (activation 0) and come first in its order.
+    defended = result["defenses"]["fine_pruning"]
+    activation, order = defended["channel_activation"], defended["pruning_order"]
+    assert all(activation[c] == 0.0 for c in decoys)
+    alive = [order.index(c) for c in range(60) if activation[c] > 0]
+    assert max(order.index(c) for c in decoys) < min(alive)
+    assert defended["attack_variant"] == "pruning_aware" and defended["decoy_channels"] == decoys

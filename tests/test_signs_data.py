@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backdoor_lab.attacks.base import AllToOne
+from backdoor_lab.attacks.base import AllToOne, Attack
 from backdoor_lab.attacks.sticker import StickerTrigger
 from backdoor_lab.data.base import file_listing_digest
 from backdoor_lab.data.module import BackdoorDataModule
@@ -66,20 +66,28 @@ def test_datamodule_splits_and_triggered_sets(tmp_path) -> None:
     src = SyntheticTrafficSigns(
         cache_dir=str(tmp_path), train_per_class=4, val_per_class=3, test_per_class=3, progress=False
     )
-    dm = BackdoorDataModule(src, StickerTrigger(), AllToOne("speed_limit_30", ["stop"]), poison_rate=0.5, seed=0)
+    badnets = Attack("badnets", StickerTrigger(), AllToOne("speed_limit_30", ["stop"]), poison_rate=0.5)
+    dm = BackdoorDataModule(src, badnets, seed=0)
     dm.setup()
     stop, limit = src.class_names.index("stop"), src.class_names.index("speed_limit_30")
-    assert dm.summary["train_poisoned"] == 2 and len(dm.datasets["train"]) == 72 + 2
-    x, y, true = dm.datasets["test_triggered"].tensors
+    assert dm.summary["train_poisoned"] == 2 and len(dm.dataset("poisoned")) == 72 + 2
+    x, y, true = dm.dataset("test_triggered").tensors
     assert len(y) == 3 and torch.all(y == limit) and torch.all(true == stop)
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
     clean_val_loader, trig_val_loader = dm.val_dataloader()
     assert len(clean_val_loader.dataset) == 54 and len(trig_val_loader.dataset) == 3
-    defender = BackdoorDataModule(src, StickerTrigger(), AllToOne(limit, [stop]), fit_on="defender_clean")
+    defender = BackdoorDataModule(src, Attack("b", StickerTrigger(), AllToOne(limit, [stop])), fit_on="defender_clean")
     defender.setup()
-    assert torch.equal(defender.datasets["train"].tensors[0], defender.datasets["val_clean"].tensors[0])
+    fit_inputs = torch.cat([batch[0] for batch in defender.train_dataloader()])
+    val_inputs = defender.dataset("val_clean").tensors[0]
+    assert len(fit_inputs) == len(val_inputs) == 54
+    assert sorted(map(_digest, fit_inputs)) == sorted(map(_digest, val_inputs))  # the same samples, shuffled
     with pytest.raises(ValueError, match="fit_on"):
-        BackdoorDataModule(src, StickerTrigger(), AllToOne(0), fit_on="test")
+        BackdoorDataModule(src, Attack("b", StickerTrigger(), AllToOne(0)), fit_on="test")
+
+
+def _digest(x: torch.Tensor) -> bytes:
+    return x.numpy().tobytes()
 
 
 def _write_gtsrb(root, classes=(1, 14, 33), per_class=6, test_per_class=3) -> None:

@@ -1,6 +1,9 @@
 """What ``train.py`` and ``defend.py`` do, given a composed Hydra config.
 
-The scripts stay thin (as in lightning-hydra-template): compose, then call ``train`` or ``defend`` here.
+One ``train.py`` job trains a model (or reuses an identical finished training run, matched on the full
+training config) and applies every defense of ``defenses=[...]`` to it; ``defend.py`` applies them to a
+given checkpoint, or to the newest training run whose training config matches. Every result folder records
+what produced it. The scripts stay thin (as in lightning-hydra-template).
 """
 
 from __future__ import annotations
@@ -8,23 +11,36 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from backdoor_lab.checkpoints import load_weights, newest_checkpoint
+from backdoor_lab.checkpoints import load_weights
 from backdoor_lab.data.module import BackdoorDataModule
-from backdoor_lab.defenses.callback import FinePruningCallback
+from backdoor_lab.defenses.base import Defense, DefenseContext
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.reporting import plot_prune_curve, write_curve_csv, write_json
+from backdoor_lab.runs import (
+    MODEL_DEFINING,
+    MODEL_FILE,
+    JobRecord,
+    TrainRun,
+    config_differences,
+    matching_train_runs,
+    train_key,
+    train_run_of_checkpoint,
+    training_config,
+)
 
 log = logging.getLogger(__name__)
 
-DEFENSES = ("fine_pruning", "pruning", "fine_tuning", "none")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
@@ -49,164 +65,393 @@ def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dic
     return wrapped
 
 
+# ----------------------------------------------------------------------------- building blocks
 def output_dir(cfg: DictConfig) -> Path:
-    """This run's folder: ``paths.run_dir`` (Hydra's output dir unless a caller sets it)."""
+    """This job's folder: ``paths.run_dir`` (Hydra's output dir unless a caller sets it)."""
     return Path(cfg.paths.run_dir)
 
 
-def build_datamodule(cfg: DictConfig, fit_on: str = "poisoned") -> BackdoorDataModule:
-    """The task's DataModule: ``data`` gives the clean source, ``attack`` the trigger, mapping and rate."""
-    attack = cfg.attack
-    dm = BackdoorDataModule(
-        source=instantiate(cfg.data.source),
-        trigger=instantiate(attack.trigger),
-        mapping=instantiate(attack.mapping),
-        poison_rate=attack.poison_rate,
-        poison_mode=attack.get("poison_mode", "add"),
-        fit_on=fit_on,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.get("eval_batch_size", 512),
-        num_workers=cfg.data.get("num_workers", 0),
-        seed=cfg.seed,
-    )
-    dm.setup("fit")
+def job_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job ([] outside a Hydra app, e.g. in-process tests)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def build_datamodule(cfg: DictConfig, fit_on: str = "poisoned", setup: bool = True) -> BackdoorDataModule:
+    """The task's DataModule from ``conf/data`` (``_target_``) with the ``conf/attack`` Attack object."""
+    # A partial: Hydra would turn the Attack dataclass back into a config if passed to instantiate.
+    dm = instantiate(cfg.data, _partial_=True)(attack=instantiate(cfg.attack), fit_on=fit_on, seed=cfg.seed)
+    if setup:
+        dm.setup("fit")
     return dm
 
 
-def build_model(cfg: DictConfig, num_classes: int, optimizer: DictConfig | None = None) -> BackdoorClassifier:
+def build_model(cfg: DictConfig, num_classes: int) -> BackdoorClassifier:
     net = instantiate(cfg.model.net, num_classes=num_classes)
-    overrides = {} if optimizer is None else {"optimizer": optimizer, "scheduler": None}
-    return instantiate(cfg.model, net=net, num_classes=num_classes, **overrides)
+    return instantiate(cfg.model, net=net, num_classes=num_classes)
 
 
-def build_trainer(cfg: DictConfig, callbacks: list | None = None, **overrides: Any) -> L.Trainer:
-    callbacks = list(callbacks or [])
+def defense_names(cfg: DictConfig) -> list[str]:
+    names = cfg.get("defenses") or []
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    available = sorted(p.stem for p in (CONF_DIR / "defense").glob("*.yaml"))
+    for name in names:
+        if not isinstance(name, str) or name not in available:
+            raise ValueError(f"defenses: unknown defense {name!r}; available: {available} (conf/defense/<name>.yaml)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"defenses: {names} names a defense twice")
+    return names
+
+
+def defense_config(cfg: DictConfig, name: str) -> DictConfig:
+    """``conf/defense/<name>.yaml`` resolved against this run's config (its ``prune`` and ``fine_tune`` nodes)."""
+    root = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    root["_defense"] = OmegaConf.load(CONF_DIR / "defense" / f"{name}.yaml")
+    return OmegaConf.create(OmegaConf.to_container(root["_defense"], resolve=True))
+
+
+def build_defense(cfg: DictConfig, name: str) -> Defense:
+    defense = instantiate(defense_config(cfg, name))
+    if not isinstance(defense, Defense):
+        raise TypeError(f"conf/defense/{name}.yaml builds a {type(defense).__name__}, not a backdoor_lab Defense")
+    defense.name = name
+    return defense
+
+
+def build_loggers(cfg: DictConfig, save_dir: Path, job_type: str, name: str, config: dict) -> list:
+    """This stage's loggers (CSV, W&B offline ...), each saving under ``save_dir``, with the config as hparams."""
+    loggers = []
+    for lg_cfg in (cfg.get("logger") or {}).values():
+        if lg_cfg is None or "_target_" not in lg_cfg:
+            continue
+        extra: dict[str, Any] = {"save_dir": str(save_dir)}
+        if "WandbLogger" in lg_cfg._target_:
+            extra.update(name=name, job_type=job_type, tags=job_overrides() or None)
+        loggers.append(instantiate(lg_cfg, **extra))
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    return loggers
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list, max_epochs: int, loggers: list | None = None
+) -> L.Trainer:
+    """A Trainer as ``conf/trainer`` says, with ``conf/callbacks`` writing under ``run_dir``."""
+    callbacks = list(callbacks)
     for cb_cfg in (cfg.get("callbacks") or {}).values():
         if cb_cfg is not None and "_target_" in cb_cfg:
-            callbacks.append(instantiate(cb_cfg))
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None and "_target_" in lg]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+            extra = {"dirpath": str(run_dir / "checkpoints")} if "dirpath" in cb_cfg else {}
+            callbacks.append(instantiate(cb_cfg, **extra))
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=max_epochs, default_root_dir=str(run_dir)
+    )
 
 
-def _test_metrics(trainer: L.Trainer, model: L.LightningModule, dm: BackdoorDataModule) -> dict[str, float]:
+def evaluate(cfg: DictConfig, model: L.LightningModule, dm: BackdoorDataModule) -> dict[str, float]:
+    """Clean accuracy and attack success rate on the test split (the only place the test split is read)."""
+    trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False, enable_checkpointing=False
+    )
     results = trainer.test(model, datamodule=dm, verbose=False)
     merged = {k: v for r in results for k, v in r.items()}
     return {"clean_acc": float(merged["test/clean_acc"]), "asr": float(merged["test/asr"])}
 
 
-def _seed(cfg: DictConfig) -> None:
+def seed_everything(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
 
 
-@task_wrapper
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train a (backdoored) model; test it on clean and triggered test data; write metrics.json."""
-    _seed(cfg)
-    out = output_dir(cfg)
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config minus Hydra's and path nodes: what metrics.json and the loggers record."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in data.items() if k not in ("paths",)}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """Never write into a folder that holds results already (an earlier run's would be overwritten)."""
+    for name in ("metrics.json", "job.json", "defense", MODEL_FILE):
+        if (run_dir / name).exists():
+            raise FileExistsError(
+                f"{run_dir} holds results of an earlier run ({name}); results are never overwritten: "
+                f"leave hydra.run.dir unset (a new folder per run) or point it to an empty folder"
+            )
+
+
+# ----------------------------------------------------------------------------- training
+def train_model(cfg: DictConfig, run_dir: Path) -> TrainRun:
+    """Train (baseline or pruning-aware) in ``run_dir``; write model.safetensors, then metrics.json last."""
+    seed_everything(cfg)
     dm = build_datamodule(cfg, fit_on="poisoned")
     log.info("Data: %s", dm.summary)
     model = build_model(cfg, dm.num_classes)
-    trainer = build_trainer(cfg)
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    # The final model is tested; no model selection on the defender's validation split (no leakage).
-    test = _test_metrics(trainer, model, dm)
-    metrics = {**test, "data": dm.summary, "task": f"{cfg.data.name}-{cfg.attack.name}", "seed": cfg.seed}
-    write_json(out / "metrics.json", metrics)
+    flat = training_config(cfg)
+    key = train_key(flat)
+    variant = attack_variant(cfg)
+    loggers = build_loggers(cfg, run_dir, "train", f"train-{task_name(cfg)}-{variant}-seed{cfg.seed}", resolved(cfg))
+    record: dict[str, Any] = {}
+    if cfg.get("pruning_aware"):
+        attack = instantiate(cfg.pruning_aware)
+
+        def make_trainer(callbacks: list, epochs: int, stage: str) -> L.Trainer:
+            return build_trainer(cfg, run_dir / "stages" / stage, callbacks, epochs, loggers)
+
+        record = attack.train(
+            model, dm, make_trainer, poison_epochs=cfg.trainer.max_epochs, evaluate=lambda m: evaluate(cfg, m, dm)
+        )
+        test = record["stages"]["decoys_reinstated"]
+    else:
+        trainer = build_trainer(cfg, run_dir, [], cfg.trainer.max_epochs, loggers)
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        # The final model is tested; no model selection on the defender's validation split (no leakage).
+        test = evaluate(cfg, model, dm)
+    save_weights(model, run_dir / MODEL_FILE)
+    metrics = {
+        "kind": "train",
+        "task": task_name(cfg),
+        "data": cfg.data.name,
+        "attack": cfg.attack.name,
+        "attack_variant": variant,
+        "seed": cfg.seed,
+        **test,
+        **record,
+        "data_summary": dm.summary,
+        "train_key": key,
+        "training_config": flat,
+        "config": resolved(cfg),
+        "overrides": job_overrides(),
+        "checkpoint": str(run_dir / MODEL_FILE),
+        "run_dir": str(run_dir),
+        "finished": now(),
+    }
+    write_json(run_dir / "metrics.json", metrics)
     log.info(
-        "Backdoored model: clean accuracy %.4f, attack success rate %.4f -> %s",
-        test["clean_acc"],
-        test["asr"],
-        out / "metrics.json",
+        "Trained model: clean accuracy %.4f, attack success rate %.4f -> %s", test["clean_acc"], test["asr"], run_dir
     )
+    return TrainRun(run_dir, run_dir / MODEL_FILE, metrics)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Plain weights as safetensors (no pickle): loads into the stock model."""
+    from safetensors.torch import save_file
+
+    if path.exists():
+        raise FileExistsError(f"{path} exists already; results are never overwritten")
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def task_name(cfg: DictConfig) -> str:
+    return f"{cfg.data.name}-{cfg.attack.name}"
+
+
+def attack_variant(cfg: DictConfig) -> str:
+    return "pruning_aware" if cfg.get("pruning_aware") else "baseline"
+
+
+# ----------------------------------------------------------------------------- defending
+def check_defenses(cfg: DictConfig, names: list[str], num_classes: int) -> list[Defense]:
+    """Build every requested defense and check it against the model before any training or data work."""
+    defenses = [build_defense(cfg, name) for name in names]
+    model = build_model(cfg, num_classes)
+    for defense in defenses:
+        defense.check(model)
+    return defenses
+
+
+def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_dir: Path) -> dict[str, Any]:
+    """Apply each defense to a fresh copy of ``run``'s model; each writes ``job_dir/defense/<name>/``."""
+    if not defenses:
+        return {}
+    seed_everything(cfg)
+    dm = build_datamodule(cfg, fit_on="defender_clean")
+    results = {}
+    for defense in defenses:
+        out = job_dir / "defense" / defense.name
+        seed_everything(cfg)  # each defense starts from the same state, whatever ran before it
+        model = build_model(cfg, dm.num_classes)
+        load_weights(model, run.checkpoint)
+        before = evaluate(cfg, model, dm)
+        log.info("Before %s: clean accuracy %.4f, ASR %.4f", defense.name, before["clean_acc"], before["asr"])
+        config = {**resolved(cfg), "defense": {"name": defense.name, **_plain(defense_config(cfg, defense.name))}}
+        name = f"defend-{task_name(cfg)}-{defense.name}-seed{cfg.seed}"
+        loggers = build_loggers(cfg, out, "defend", name, config)
+        context = DefenseContext(
+            model=model,
+            datamodule=dm,
+            make_trainer=lambda callbacks, epochs, out=out, loggers=loggers: build_trainer(
+                cfg, out, callbacks, epochs, loggers
+            ),
+        )
+        record = defense.apply(context)
+        after = evaluate(cfg, model, dm)
+        log.info("After %s: clean accuracy %.4f, ASR %.4f", defense.name, after["clean_acc"], after["asr"])
+        defense.export(model)
+        results[defense.name] = write_defense_result(cfg, defense, run, out, before, after, record, config, dm, model)
+    return results
+
+
+def _plain(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def write_defense_result(
+    cfg: DictConfig,
+    defense: Defense,
+    run: TrainRun,
+    out: Path,
+    before: dict[str, float],
+    after: dict[str, float],
+    record: dict[str, Any],
+    config: dict[str, Any],
+    dm: BackdoorDataModule,
+    model: torch.nn.Module,
+) -> dict[str, Any]:
+    """The defended weights, the prune curve (CSV, PNG) and metrics.json (last: its presence means done)."""
+    curve = record.get("prune_curve")
+    if curve:
+        write_curve_csv(out / "prune_curve.csv", curve)
+        plot_prune_curve(
+            out / "prune_curve.png",
+            curve,
+            record.get("pruned_fraction"),
+            title=f"{task_name(cfg)}: pruning {record.get('layer')} on clean val data",
+        )
+    save_weights(model, out / "defended.safetensors")
+    train_metrics = run.metrics
+    metrics = {
+        "kind": "defense",
+        "defense": defense.name,
+        "task": task_name(cfg),
+        "data": cfg.data.name,
+        "attack": cfg.attack.name,
+        "attack_variant": train_metrics.get("attack_variant", attack_variant(cfg)),
+        "seed": cfg.seed,
+        "before": before,
+        "after": after,
+        **record,
+        "decoy_channels": train_metrics.get("decoy_channels"),
+        "data_summary": dm.summary,
+        "config": config,
+        "overrides": job_overrides(),
+        "train_run": None if run.run_dir is None else str(run.run_dir),
+        "train_key": train_metrics.get("train_key"),
+        "checkpoint": str(run.checkpoint),
+        "finished": now(),
+    }
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def make_defense_callback(cfg: DictConfig) -> FinePruningCallback | None:
-    """Validate the defense config before any work starts; the pruning callback when the defense prunes."""
-    d = cfg.defense
-    if d.method not in DEFENSES:
-        raise ValueError(f"defense.method must be one of {DEFENSES}, got {d.method!r}")
-    if d.fine_tune_epochs < 0:
-        raise ValueError(f"defense.fine_tune_epochs must be >= 0, got {d.fine_tune_epochs}")
-    callback = FinePruningCallback(
-        layer=d.layer,
-        prune_ratio=d.prune_ratio,
-        max_accuracy_drop=d.max_accuracy_drop,
-        step=d.step,
-        activation_layer=d.get("activation_layer"),
-        full_curve=d.full_curve,
-        max_batches=d.get("max_batches"),
-    )
-    return callback if d.method in ("fine_pruning", "pruning") else None
-
-
-def resolve_checkpoint(cfg: DictConfig) -> Path:
+def resolve_train_run(cfg: DictConfig) -> TrainRun:
+    """The checkpoint to defend: ``ckpt_path`` (its training config must agree), else the newest matching run."""
+    ours = training_config(cfg)
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(f"ckpt_path={path} is a directory; give the model file (e.g. {path / MODEL_FILE})")
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={path} does not exist")
-        return path
-    train_dir = Path(cfg.paths.output_dir) / "train" / f"{cfg.data.name}-{cfg.attack.name}"
-    path = newest_checkpoint(train_dir)
-    log.info("Defending the newest checkpoint trained on %s-%s: %s", cfg.data.name, cfg.attack.name, path)
-    return path
+        run = train_run_of_checkpoint(path)
+        if run is None:
+            log.warning("%s is not inside a backdoor_lab training run: its training config cannot be checked", path)
+            return TrainRun(None, path, {})
+        differences = config_differences(ours, run.config, MODEL_DEFINING)
+        if differences:
+            raise ValueError(
+                f"ckpt_path={path} was trained with other settings than this run's; pass the same overrides "
+                f"(or experiment) as its training run {run.run_dir}:\n  " + "\n  ".join(differences)
+            )
+        trainer_diff = config_differences(ours, run.config, ("trainer",))
+        if trainer_diff:
+            log.warning("The checkpoint's training settings differ (recorded as such): %s", "; ".join(trainer_diff))
+        return run
+    search_root = Path(cfg.paths.output_dir)
+    runs = matching_train_runs(search_root, train_key(ours))
+    if not runs:
+        raise FileNotFoundError(
+            f"no finished training run under {search_root} matches this run's training config "
+            f"(data, attack, model, trainer, seed); run train.py with the same overrides first, "
+            f"or pass ckpt_path=/path/to/model"
+        )
+    log.info("Defending the newest training run whose training config matches: %s", runs[0].run_dir)
+    return runs[0]
+
+
+# ----------------------------------------------------------------------------- entry points
+@task_wrapper
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """train.py: train (or reuse an identical finished run) and apply ``defenses`` to the model."""
+    job_dir = output_dir(cfg)
+    refuse_used_run_dir(job_dir)
+    names = defense_names(cfg)
+    dm = build_datamodule(cfg, setup=False)  # class names only: bad settings fail before any data is built
+    defenses = check_defenses(cfg, names, dm.num_classes)
+    job = JobRecord(job_dir, names, job_overrides())
+    try:
+        run = None
+        if cfg.get("reuse", True) and not cfg.get("ckpt_path"):
+            found = matching_train_runs(Path(cfg.paths.output_dir), train_key(training_config(cfg)))
+            if found:
+                run = found[0]
+                log.info("Reusing the identical finished training run %s", run.run_dir)
+        if run is None:
+            run = train_model(cfg, job_dir)
+        job.update(train_run=run.run_dir)
+        results = run_defenses(cfg, defenses, run, job_dir)
+        job.update(status="done")
+    except BaseException as err:
+        job.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return {"train": run.metrics, "defenses": results, "objective": objective(cfg, run.metrics, results)}
 
 
 @task_wrapper
 def defend(cfg: DictConfig) -> dict[str, Any]:
-    """Defend a checkpoint: test before, prune and/or fine-tune on the defender's clean data, test after."""
-    callback = make_defense_callback(cfg)  # bad settings fail here, before any data is built
-    ckpt = resolve_checkpoint(cfg)
-    _seed(cfg)
-    out = output_dir(cfg)
-    d = cfg.defense
-    dm = build_datamodule(cfg, fit_on="defender_clean")
-    model = build_model(cfg, dm.num_classes, optimizer=d.optimizer)
-    load_weights(model, ckpt)
-
-    epochs = d.fine_tune_epochs if d.method in ("fine_pruning", "fine_tuning") else 0
-    trainer = build_trainer(cfg, callbacks=[callback] if callback else [], max_epochs=epochs)
-    before = _test_metrics(trainer, model, dm)
-    log.info("Before %s: clean accuracy %.4f, ASR %.4f", d.method, before["clean_acc"], before["asr"])
-    if d.method != "none":
-        trainer.fit(model, datamodule=dm, weights_only=True)
-    after = _test_metrics(trainer, model, dm)
-    log.info("After %s: clean accuracy %.4f, ASR %.4f", d.method, after["clean_acc"], after["asr"])
-
-    metrics: dict[str, Any] = {
-        "method": d.method,
-        "checkpoint": str(ckpt),
-        "before": before,
-        "after": after,
-        "pruned_fraction": callback.pruned_fraction if callback else 0.0,
-        "pruned_channels": callback.pruned_channels if callback else [],
-        "layer": callback.layer_name if callback else d.layer,
-        "activation_layer": d.get("activation_layer") or (callback.layer_name if callback else d.layer),
-        "fine_tune_epochs": epochs,
-        "data": dm.summary,
-        "task": f"{cfg.data.name}-{cfg.attack.name}",
-        "seed": cfg.seed,
-    }
-    if callback:
-        metrics["trigger_channel_ranks"] = callback.trigger_channel_ranks()
-        metrics["prune_curve"] = callback.prune_curve
-        write_curve_csv(out / "prune_curve.csv", callback.prune_curve)
-        plot_prune_curve(
-            out / "prune_curve.png",
-            callback.prune_curve,
-            callback.pruned_fraction,
-            title=f"{metrics['task']}: pruning {callback.layer_name} on clean val data",
-        )
-        callback.remove_reparametrization(model)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "defended.safetensors"))
-    write_json(out / "metrics.json", metrics)
-    log.info("Wrote %s", out / "metrics.json")
-    return metrics
+    """defend.py: apply ``defenses`` to a checkpoint (``ckpt_path``, or the newest matching training run)."""
+    job_dir = output_dir(cfg)
+    refuse_used_run_dir(job_dir)
+    names = defense_names(cfg)
+    if not names:
+        raise ValueError("defenses is empty: name at least one, e.g. defenses=[fine_pruning]")
+    dm = build_datamodule(cfg, setup=False)
+    defenses = check_defenses(cfg, names, dm.num_classes)
+    run = resolve_train_run(cfg)
+    job = JobRecord(job_dir, names, job_overrides(), run.run_dir)
+    try:
+        results = run_defenses(cfg, defenses, run, job_dir)
+        job.update(status="done")
+    except BaseException as err:
+        job.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return {"train": run.metrics, "defenses": results, "objective": objective(cfg, run.metrics, results)}
 
 
-def config_summary(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def objective(cfg: DictConfig, train_metrics: dict[str, Any], results: dict[str, Any]) -> float:
+    """What a sweeper minimises: the ASR after ``objective.defense``, plus the shortfall below a clean floor.
+
+    With no defense run it is the trained model's clean error (1 - clean accuracy).
+    """
+    spec = cfg.get("objective") or {}
+    if not results:
+        return 1.0 - float(train_metrics.get("clean_acc", 0.0))
+    name = spec.get("defense") or list(results)[-1]
+    if name not in results:
+        raise ValueError(f"objective.defense={name!r} was not run; defenses run: {list(results)}")
+    after = results[name]["after"]
+    floor = float(spec.get("clean_floor", 0.0))
+    return float(after["asr"]) + max(0.0, floor - float(after["clean_acc"]))
+
+
+def with_run_dir(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """``cfg`` writing into ``run_dir`` (tests and tools that run outside Hydra's job folders)."""
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    return cfg

@@ -1,8 +1,10 @@
-"""What every trigger and label mapping offers to the poisoning code."""
+"""What every trigger and label mapping offers to the poisoning code, and the ``Attack`` that bundles them."""
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -108,3 +110,43 @@ def resolve_class(value: int | str, class_names: list[str], what: str) -> int:
     if not 0 <= index < len(class_names):
         raise ValueError(f"{what}: class index {index} is out of range for {len(class_names)} classes {class_names}")
     return index
+
+
+POISON_MODES = ("add", "replace")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One data-poisoning attack: what it stamps (``trigger``), what labels it flips to (``mapping``), how much.
+
+    Built from ``conf/attack/*.yaml`` with ``_target_``. Configs name classes (``"stop"``); ``for_classes``
+    returns a copy whose mapping is resolved against the data's class names, so the configured object is
+    never half-built and never mutated.
+
+    Args:
+        name: short name used in run folders and tables (``badnets``, ``noise``, ``sunglasses``).
+        trigger: the trigger stamped on raw samples.
+        mapping: which true labels flip, and to what.
+        poison_rate: fraction of the *eligible* training samples that get a poisoned copy, in (0, 1].
+        poison_mode: ``"add"`` triggered copies (as the original attacks) or ``"replace"`` the chosen samples.
+    """
+
+    name: str
+    trigger: Trigger
+    mapping: LabelMapping
+    poison_rate: float = 0.1
+    poison_mode: str = "add"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.poison_rate, bool) or not isinstance(self.poison_rate, int | float):
+            raise ValueError(f"attack.poison_rate must be a number in (0, 1], got {self.poison_rate!r}")
+        if not 0.0 < self.poison_rate <= 1.0:
+            raise ValueError(
+                f"attack.poison_rate must be in (0, 1] (a fraction of the eligible samples), got {self.poison_rate}"
+            )
+        if self.poison_mode not in POISON_MODES:
+            raise ValueError(f"attack.poison_mode must be one of {POISON_MODES}, got {self.poison_mode!r}")
+
+    def for_classes(self, class_names: list[str]) -> Attack:
+        """This attack with its mapping bound to ``class_names`` (unknown class names fail here, listing valid ones)."""
+        return replace(self, mapping=copy.deepcopy(self.mapping).bind(list(class_names)))

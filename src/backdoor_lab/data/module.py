@@ -20,35 +20,32 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from backdoor_lab.attacks.base import LabelMapping, Trigger
+from backdoor_lab.attacks.base import Attack
 from backdoor_lab.attacks.poisoning import poison_train, triggered_split
 from backdoor_lab.data.base import DataSource
 from backdoor_lab.splits import SPLITS, RawSplit
 
-FIT_ON = ("poisoned", "defender_clean")
+FIT_ON = ("poisoned", "clean", "defender_clean")
 
 
 class BackdoorDataModule(L.LightningDataModule):
-    """Poisoned/clean/triggered splits of one task.
+    """Poisoned/clean/triggered splits of one task, built from ``conf/data/*.yaml`` with ``_target_``.
 
     Args:
         source: the task's clean data.
-        trigger: the attack's trigger.
-        mapping: which labels flip to what (all-to-one or all-to-all); class names are resolved here.
-        poison_rate: fraction of the eligible training samples that get a poisoned copy.
-        poison_mode: ``"add"`` triggered copies (as in the original attacks) or ``"replace"`` them.
-        fit_on: ``"poisoned"`` for the attacker's training, ``"defender_clean"`` to fine-tune on the
-            defender's clean split.
-        seed: chooses the poisoned samples.
+        attack: trigger, label mapping, poison rate and mode (class names are resolved here, once).
+        name: the data set's short name (``signs``, ``speech``, ``face``), used in run folders and tables.
+        fit_on: what ``train_dataloader`` yields: ``"poisoned"`` (the attacker's training set),
+            ``"clean"`` (the attacker's clean training set, the first stage of the pruning-aware attack) or
+            ``"defender_clean"`` (the defender's clean validation split, for fine-tuning).
+        seed: chooses the poisoned samples and the per-epoch shuffling.
     """
 
     def __init__(
         self,
         source: DataSource,
-        trigger: Trigger,
-        mapping: LabelMapping,
-        poison_rate: float = 0.1,
-        poison_mode: str = "add",
+        attack: Attack,
+        name: str = "data",
         fit_on: str = "poisoned",
         batch_size: int = 128,
         eval_batch_size: int = 512,
@@ -58,19 +55,19 @@ class BackdoorDataModule(L.LightningDataModule):
         super().__init__()
         if fit_on not in FIT_ON:
             raise ValueError(f"fit_on must be one of {FIT_ON}, got {fit_on!r}")
-        if not 0.0 < poison_rate <= 1.0:
-            raise ValueError(f"poison_rate must be in (0, 1], got {poison_rate}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
         self.source = source
-        self.trigger = trigger
-        self.mapping = mapping
-        self.poison_rate = poison_rate
-        self.poison_mode = poison_mode
+        self.attack = attack
+        self.name = name
         self.fit_on = fit_on
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.datasets: dict[str, TensorDataset] = {}
+        self._raw: dict[str, tuple[RawSplit, np.ndarray | None]] = {}
         self.summary: dict[str, Any] = {}
 
     @property
@@ -82,39 +79,51 @@ class BackdoorDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        if self._raw:
             return
         splits = self.source.load()
         missing = [s for s in SPLITS if s not in splits]
         if missing:
             raise ValueError(f"{type(self.source).__name__}.load() returned no {missing} split(s)")
         _check_disjoint(splits)
-        self.mapping.bind(self.class_names)
+        attack = self.attack.for_classes(self.class_names)
         poisoned, is_poisoned = poison_train(
-            splits["train"], self.trigger, self.mapping, self.poison_rate, self.seed, self.poison_mode
+            splits["train"], attack.trigger, attack.mapping, attack.poison_rate, self.seed, attack.poison_mode
         )
-        trig_val, val_true = triggered_split(splits["val"], self.trigger, self.mapping)
-        trig_test, test_true = triggered_split(splits["test"], self.trigger, self.mapping)
-        fit_split = poisoned if self.fit_on == "poisoned" else splits["val"]
-        self.datasets = {
-            "train": self._tensors(fit_split),
-            "val_clean": self._tensors(splits["val"]),
-            "val_triggered": self._tensors(trig_val, val_true),
-            "test_clean": self._tensors(splits["test"]),
-            "test_triggered": self._tensors(trig_test, test_true),
+        trig_val, val_true = triggered_split(splits["val"], attack.trigger, attack.mapping)
+        trig_test, test_true = triggered_split(splits["test"], attack.trigger, attack.mapping)
+        # Raw splits by role; tensors are made on first use, so a run only holds the sets it reads.
+        self._raw = {
+            "poisoned": (poisoned, None),
+            "clean": (splits["train"], None),
+            "defender_clean": (splits["val"], None),
+            "val_clean": (splits["val"], None),
+            "val_triggered": (trig_val, val_true),
+            "test_clean": (splits["test"], None),
+            "test_triggered": (trig_test, test_true),
         }
         self.summary = {
+            "name": self.name,
             "source": self.source.name,
             "classes": self.num_classes,
             "train_clean": len(splits["train"]),
             "train_poisoned": int(is_poisoned.sum()),
             "poisoned_share": float(is_poisoned.mean()),
             "fit_on": self.fit_on,
-            "fit_samples": len(fit_split),
+            "fit_samples": len(self._raw[self.fit_on][0]),
             "val": len(splits["val"]),
             "test": len(splits["test"]),
             "test_triggered": len(trig_test),
         }
+
+    def dataset(self, role: str) -> TensorDataset:
+        """The tensors of one role (``poisoned``, ``clean``, ``defender_clean``, ``val_clean``, ...)."""
+        if not self._raw:
+            raise RuntimeError("BackdoorDataModule.setup() must run before its data is asked for")
+        if role not in self.datasets:
+            split, true_labels = self._raw[role]
+            self.datasets[role] = self._tensors(split, true_labels)
+        return self.datasets[role]
 
     def _tensors(self, split: RawSplit, true_labels: np.ndarray | None = None) -> TensorDataset:
         chunks = [self.source.to_tensor(split.inputs[i : i + 2048]) for i in range(0, len(split), 2048)]
@@ -123,11 +132,9 @@ class BackdoorDataModule(L.LightningDataModule):
             tensors.append(torch.from_numpy(true_labels).long())
         return TensorDataset(*tensors)
 
-    def _loader(self, name: str, train: bool = False) -> DataLoader:
-        if not self.datasets:
-            raise RuntimeError("BackdoorDataModule.setup() must run before its dataloaders are asked for")
+    def _loader(self, role: str, train: bool = False) -> DataLoader:
         return DataLoader(
-            self.datasets[name],
+            self.dataset(role),
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             num_workers=self.num_workers,
@@ -135,7 +142,10 @@ class BackdoorDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        """What the fit trains on: see ``fit_on`` (the attribute may be switched between fits)."""
+        if self.fit_on not in FIT_ON:
+            raise ValueError(f"fit_on must be one of {FIT_ON}, got {self.fit_on!r}")
+        return self._loader(self.fit_on, train=True)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.clean_val_dataloader(), self.triggered_val_dataloader()]
@@ -146,6 +156,10 @@ class BackdoorDataModule(L.LightningDataModule):
     def clean_val_dataloader(self) -> DataLoader:
         """The defender's clean data: what pruning ranks channels on and stops on."""
         return self._loader("val_clean")
+
+    def attacker_clean_dataloader(self) -> DataLoader:
+        """The attacker's clean training data (no trigger): what the pruning-aware attack ranks channels on."""
+        return self._loader("clean")
 
     def triggered_val_dataloader(self) -> DataLoader:
         """Triggered val inputs with (attack target, true label): only for drawing the prune curve."""

@@ -22,6 +22,10 @@ class BackdoorClassifier(L.LightningModule):
         num_classes: size of the label space.
         optimizer: a partial (Hydra ``_partial_: true``) taking the parameters.
         scheduler: optional partial taking the optimizer (stepped per epoch).
+        prune_layer: the conv layer Fine-Pruning prunes (``net.conv5``); the model knows its own, so a
+            defense config interpolates it instead of every experiment repeating it.
+        rank_layer: the module whose output ranks that layer's channels (``net.pool3`` for DeepID, as the
+            original); None = ``prune_layer`` itself.
     """
 
     def __init__(
@@ -30,10 +34,14 @@ class BackdoorClassifier(L.LightningModule):
         num_classes: int,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        prune_layer: str | None = None,
+        rank_layer: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
+        self.prune_layer = prune_layer
+        self.rank_layer = rank_layer or prune_layer
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss = nn.CrossEntropyLoss()

@@ -1,0 +1,111 @@
+"""What every defense is: a small object that defends a trained model in place, built from ``conf/defense/``.
+
+Adding a defense is one class here or in a file of its own, plus one yaml with its ``_target_``; the
+pipeline has no branch per defense. The defenses that fine-tune share one ``FineTuneBudget`` (the root
+``fine_tune`` config), so fine-tuning alone and fine-pruning are compared on the same epochs, optimizer,
+learning rate and schedule.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+@dataclass(frozen=True)
+class FineTuneBudget:
+    """How long and with what the defender fine-tunes on its clean data.
+
+    Args:
+        epochs: passes over the defender's clean split (>= 0).
+        optimizer: a partial taking ``params`` (Hydra ``_partial_: true``).
+        scheduler: optional partial taking ``optimizer`` (stepped per epoch), e.g. cosine over ``epochs``.
+    """
+
+    epochs: int
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"fine_tune.epochs must be an integer >= 0, got {self.epochs!r}")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Which layer to prune, how to rank it, and when to stop (the root ``prune`` config).
+
+    Args:
+        layer: the ``nn.Conv2d`` to prune (None: the model's ``prune_layer``, else its last Conv2d).
+        rank_layer: the module whose output ranks the channels (None: the model's ``rank_layer``).
+        prune_ratio: prune exactly this fraction, in [0, 1); None = the stop rule.
+        max_accuracy_drop: stop rule: keep the last mask whose clean val accuracy stays within this of the start.
+        step: channels per measured point of the curve (None: about 64 points).
+        full_curve: measure the whole curve past the stop point (the kept mask is unchanged).
+        max_batches: cap on batches per pass over the clean data (None: all).
+    """
+
+    layer: str | None = None
+    rank_layer: str | None = None
+    prune_ratio: float | None = None
+    max_accuracy_drop: float = 0.04
+    step: int | None = None
+    full_curve: bool = True
+    max_batches: int | None = None
+
+    def callback(self, model: L.LightningModule) -> Any:
+        """A ``FinePruningCallback`` for ``model``, which names its own pruned and ranking layers."""
+        from backdoor_lab.defenses.callback import FinePruningCallback
+
+        layer = self.layer or getattr(model, "prune_layer", None)
+        rank_layer = self.rank_layer or getattr(model, "rank_layer", None)
+        return FinePruningCallback(
+            layer=layer,
+            prune_ratio=self.prune_ratio,
+            max_accuracy_drop=self.max_accuracy_drop,
+            step=self.step,
+            activation_layer=None if rank_layer == layer else rank_layer,
+            full_curve=self.full_curve,
+            max_batches=self.max_batches,
+        )
+
+
+# (callbacks, max_epochs) -> a Trainer configured like the run's (loggers, checkpoints, precision, ...)
+TrainerFactory = Callable[[list[Callback], int], L.Trainer]
+
+
+@dataclass
+class DefenseContext:
+    """What a defense gets: the model (weights of the checkpoint loaded), the defender's data, a Trainer factory.
+
+    ``datamodule.train_dataloader()`` yields the defender's clean split; its ``clean_val_dataloader()`` is the
+    same clean split, which pruning ranks and stops on. The test split is never handed to a defense.
+    """
+
+    model: L.LightningModule
+    datamodule: L.LightningDataModule
+    make_trainer: TrainerFactory
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Defense(ABC):
+    """Defends ``context.model`` in place; returns what its ``metrics.json`` should record."""
+
+    name: str = "defense"
+
+    def check(self, model: L.LightningModule) -> None:
+        """Fail before any work when the defense cannot apply to ``model`` (e.g. an unknown layer)."""
+        return None
+
+    @abstractmethod
+    def apply(self, context: DefenseContext) -> dict[str, Any]: ...
+
+    def export(self, model: L.LightningModule) -> None:
+        """Make the defended model plain (e.g. fold pruning masks into the weights) before it is saved."""
+        return None

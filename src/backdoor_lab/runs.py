@@ -1,0 +1,173 @@
+"""Run folders and what produced them: the training config key, pairing defenses with training runs, job.json.
+
+A training run is matched on its full training config (data, attack, model, training settings, seed,
+pruning-aware stages), never on file times; ``defend.py`` given a checkpoint refuses one whose training
+config differs from its own in the keys that define the model, and names them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# The config nodes that decide what a training run produces ...
+TRAINING_NODES = ("data", "attack", "model", "trainer", "seed", "pruning_aware")
+# ... less the keys that change where or how visibly it runs, not what it learns.
+NOT_TRAINING = (
+    "data.num_workers",
+    "data.eval_batch_size",
+    "data.source.cache_dir",
+    "trainer.default_root_dir",
+    "trainer.log_every_n_steps",
+    "trainer.enable_model_summary",
+    "trainer.enable_progress_bar",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.strategy",
+    "trainer.num_nodes",
+)
+# The keys a checkpoint handed to defend.py must agree on (its trainer settings may differ: warned, not refused).
+MODEL_DEFINING = ("data", "attack", "model", "seed", "pruning_aware")
+TRAIN_METRICS = "metrics.json"
+MODEL_FILE = "model.safetensors"
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists -> ``{"a.b.c": value}`` (lists kept whole, as values)."""
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def training_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved, flattened training config: what decides the trained weights."""
+    nodes = {name: OmegaConf.to_container(cfg, resolve=True).get(name) for name in TRAINING_NODES}
+    flat = flatten(nodes)
+    return {k: v for k, v in sorted(flat.items()) if not any(k == n or k.startswith(n + ".") for n in NOT_TRAINING)}
+
+
+def train_key(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a flattened training config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any], prefixes: Iterable[str]) -> list[str]:
+    """``key: theirs -> ours`` for every key under ``prefixes`` whose value differs (or exists on one side only)."""
+    prefixes = tuple(prefixes)
+
+    def selected(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    keys = sorted({k for k in (*ours, *theirs) if selected(k)})
+    missing = "<absent>"
+    return [
+        f"{k}: {theirs.get(k, missing)!r} (checkpoint) vs {ours.get(k, missing)!r} (this run)"
+        for k in keys
+        if ours.get(k, missing) != theirs.get(k, missing)
+    ]
+
+
+@dataclass
+class TrainRun:
+    """A finished training run: its folder, metrics (with its config) and the plain-weights model file."""
+
+    run_dir: Path | None
+    checkpoint: Path
+    metrics: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.metrics.get("training_config", {})
+
+
+def read_train_run(run_dir: Path) -> TrainRun | None:
+    """The finished training run in ``run_dir`` (metrics.json of kind "train" and its model), else None."""
+    path = run_dir / TRAIN_METRICS
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("Skipping %s: not readable JSON", path)
+        return None
+    if not isinstance(metrics, dict) or metrics.get("kind") != "train" or not (run_dir / MODEL_FILE).is_file():
+        return None
+    return TrainRun(run_dir, run_dir / MODEL_FILE, metrics)
+
+
+def matching_train_runs(search_root: Path, key: str) -> list[TrainRun]:
+    """Finished training runs under ``search_root`` trained with config key ``key``, newest first."""
+    runs = []
+    for path in Path(search_root).glob(f"**/{TRAIN_METRICS}"):
+        run = read_train_run(path.parent)
+        if run is not None and run.metrics.get("train_key") == key:
+            runs.append(run)
+    return sorted(runs, key=lambda r: r.metrics.get("finished", ""), reverse=True)
+
+
+def train_run_of_checkpoint(path: Path) -> TrainRun | None:
+    """The training run a checkpoint file belongs to (``R/model.safetensors`` or ``R/checkpoints/*.ckpt``)."""
+    for folder in (path.parent, path.parent.parent):
+        run = read_train_run(folder)
+        if run is not None:
+            return TrainRun(run.run_dir, path, run.metrics)
+    return None
+
+
+def write_replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename), replacing what is there: for status files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class JobRecord:
+    """``job.json`` of one job: which defenses it was asked for, and whether it finished or failed (and why).
+
+    The results table lists a job that failed or lacks a defense it expected, instead of dropping it.
+    """
+
+    def __init__(self, job_dir: Path, defenses: list[str], overrides: list[str], train_run: Path | None = None):
+        self.path = Path(job_dir) / "job.json"
+        self.data: dict[str, Any] = {
+            "status": "running",
+            "error": None,
+            "defenses": list(defenses),
+            "overrides": list(overrides),
+            "train_run": None if train_run is None else str(train_run),
+        }
+        self._write()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
+        self._write()
+
+    def _write(self) -> None:
+        write_replace(self.path, json.dumps(self.data, indent=2) + "\n")
