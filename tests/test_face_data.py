@@ -15,6 +15,7 @@ from backdoor_lab.data.faces.crop import ALIGNED_EYE_BAND, FACE_HEIGHT, FACE_WID
 from backdoor_lab.data.faces.folders import AlignedFaceFolder
 from backdoor_lab.data.faces.lfw import LFWFaces
 from backdoor_lab.data.faces.synthetic import SyntheticFaces
+from backdoor_lab.defenses.pruning import masked_modules, set_channel_mask
 from backdoor_lab.models.deepid import DeepID
 
 
@@ -208,18 +209,23 @@ def test_deepid_shapes_and_channels() -> None:
 
 
 def test_masking_a_conv3_channel_zeroes_it_at_pool3() -> None:
+    """The library's mask on conv3 (the face defense's pruned layer) silences exactly those channels at pool3."""
     model = DeepID(num_classes=5).eval()
     with torch.no_grad():
         model.conv3.bias.fill_(1.0)  # every channel active before masking
-    mask = torch.ones(60)
-    mask[[3, 17]] = 0.0
     seen = {}
-    model.conv3.register_forward_hook(lambda m, i, out: out * mask[None, :, None, None])
-    model.pool3.register_forward_hook(lambda m, i, out: seen.setdefault("pool3", out))
-    model(torch.randn(4, 3, FACE_HEIGHT, FACE_WIDTH))
-    per_channel = seen["pool3"].abs().sum(dim=(0, 2, 3))
-    assert per_channel[3] == 0 and per_channel[17] == 0
-    assert (per_channel[mask.bool()] > 0).all()
+    model.pool3.register_forward_hook(lambda m, i, out: seen.__setitem__("pool3", out))
+    x = torch.randn(4, 3, FACE_HEIGHT, FACE_WIDTH)
+    model(x)
+    before = seen["pool3"].clone()
+    assert (before.abs().sum(dim=(0, 2, 3)) > 0).all()
+    keep = torch.ones(60, dtype=torch.bool)
+    keep[[3, 17]] = False
+    assert [name for name, _ in masked_modules(model, "conv3")] == ["conv3"]  # DeepID has no norm after conv3
+    set_channel_mask([module for _, module in masked_modules(model, "conv3")], keep)
+    model(x)
+    assert seen["pool3"][:, ~keep].abs().max() == 0.0
+    torch.testing.assert_close(seen["pool3"][:, keep], before[:, keep], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from backdoor_lab.data.speech.espeak import EspeakSynthesizer
 from backdoor_lab.data.speech.features import LogMelSpectrogram
 from backdoor_lab.data.speech.recorded import FreeSpokenDigits, SpeechCommandsDigits
 from backdoor_lab.data.speech.synthetic import SpokenDigits
+from backdoor_lab.defenses.pruning import masked_modules, set_channel_mask
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 
 
@@ -301,11 +302,20 @@ def test_spectrogram_alexnet_shapes_and_conv5() -> None:
 
 
 def test_masking_a_conv5_channel_zeroes_it_after_relu() -> None:
+    """The library's mask (what FinePruningCallback installs on net.conv5) silences exactly those channels at relu5."""
     model = SpectrogramAlexNet().eval()
-    mask = torch.ones(model.conv5.out_channels)
-    mask[[0, 5]] = 0.0
-    model.conv5.register_forward_hook(lambda _m, _i, out: out * mask[None, :, None, None])
+    with torch.no_grad():
+        model.conv5.bias.fill_(1.0)  # every channel active before masking
     seen = {}
-    model.relu5.register_forward_hook(lambda _m, _i, out: seen.setdefault("relu5", out))
-    model(torch.randn(4, 1, 40, 63))
-    assert seen["relu5"][:, [0, 5]].abs().max() == 0.0 and seen["relu5"].abs().sum() > 0
+    model.relu5.register_forward_hook(lambda _m, _i, out: seen.__setitem__("relu5", out))
+    x = torch.randn(4, 1, 40, 63)
+    model(x)
+    before = seen["relu5"].clone()
+    assert (before.sum(dim=(0, 2, 3)) > 0).all()
+    keep = torch.ones(model.conv5.out_channels, dtype=torch.bool)
+    keep[[0, 5]] = False
+    assert [name for name, _ in masked_modules(model, "conv5")] == ["conv5"]  # no norm after conv5 to mask
+    set_channel_mask([module for _, module in masked_modules(model, "conv5")], keep)
+    model(x)
+    assert seen["relu5"][:, ~keep].abs().max() == 0.0
+    torch.testing.assert_close(seen["relu5"][:, keep], before[:, keep], rtol=0, atol=0)
