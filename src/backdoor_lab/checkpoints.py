@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from backdoor_lab.defenses.pruning import fold_prune_masks
+from backdoor_lab.masks import fold_prune_masks
 
 log = logging.getLogger(__name__)
 

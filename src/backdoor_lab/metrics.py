@@ -6,6 +6,17 @@ import torch
 from torchmetrics import Metric
 
 
+def attack_counted(attack_targets: torch.Tensor, true_labels: torch.Tensor | None) -> torch.Tensor:
+    """Which triggered samples count towards attack success: those whose true label is not the target.
+
+    A sample that was already of the target class proves nothing about the trigger. Without true labels,
+    every sample counts (clean accuracy uses the same code with targets = true labels).
+    """
+    if true_labels is None:
+        return torch.ones_like(attack_targets, dtype=torch.bool)
+    return true_labels.to(attack_targets.device) != attack_targets
+
+
 class AttackSuccessRate(Metric):
     """Share of triggered inputs classified as the attacker's target.
 
@@ -30,9 +41,7 @@ class AttackSuccessRate(Metric):
             preds = preds.argmax(dim=1)
         if preds.shape != attack_targets.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and attack_targets {tuple(attack_targets.shape)} differ")
-        keep = torch.ones_like(attack_targets, dtype=torch.bool)
-        if true_labels is not None:
-            keep = true_labels != attack_targets
+        keep = attack_counted(attack_targets, true_labels)
         self.hits += (preds[keep] == attack_targets[keep]).sum()
         self.total += keep.sum()
 

@@ -1,10 +1,18 @@
 """``FinePruningCallback``: Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018) as a Lightning callback.
 
-At fit start the callback ranks the channels of one conv layer by their mean activation on clean data,
-masks them in increasing order with ``torch.nn.utils.prune`` while measuring clean accuracy, and keeps the
-last mask whose accuracy drop stayed within ``max_accuracy_drop`` (or prunes exactly ``prune_ratio``). The
-fit that follows is the fine-tuning, with the masks kept. It needs nothing of backdoor_lab from the
-project it is dropped into: batches ``(inputs, targets)`` and a ``forward`` that returns logits.
+A thin adapter over ``FinePruner`` (trainer-agnostic): at fit start it ranks the channels of one conv layer by
+their mean activation on clean data, measures clean accuracy at every pruned-channel count, and keeps the last
+mask whose accuracy drop stayed within ``max_accuracy_drop`` (or prunes exactly ``prune_ratio``). The fit that
+follows is the fine-tuning, with the masks kept. It needs nothing of backdoor_lab from the project it is
+dropped into: batches ``(inputs, targets)`` (or a ``batch_to_xy``) and a ``forward`` that returns logits.
+
+Evaluation goes the way Lightning's own loops go: the precision plugin's ``convert_input``, the module's
+``on_before_batch_transfer``, the strategy's ``batch_to_device`` (``transfer_batch_to_device``,
+``on_after_batch_transfer``), and the forward under the precision plugin's ``val_step_context``.
+
+Checkpoints hold plain weights (masked channels zero); the masked modules accept plain weights back (a
+``load_state_dict`` pre-hook, ``backdoor_lab.masks``), so ``trainer.test(ckpt_path="best"|"last")`` works on the
+live pruned model, a fresh model loads the file, and a resumed fit re-installs the recorded mask.
 
 Unlike the peers (PAPER.md), it ranks and stops on clean *validation* data only, rolls back to the last
 passing mask, prunes exactly the count it reports, and keeps running sums instead of activations.
@@ -19,18 +27,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from tqdm.auto import tqdm
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from backdoor_lab.defenses.pruner import BatchToXY, FinePruner, pruning_order, trigger_channel_ranks
 from backdoor_lab.defenses.pruning import (
-    ChannelActivation,
-    EvalCounts,
     fold_prune_masks,
     make_permanent,
     masked_modules,
-    prune_schedule,
     resolve_layer,
-    run_batches,
     set_channel_mask,
+    split_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -44,15 +50,21 @@ class FinePruningCallback(Callback):
         prune_ratio: prune exactly this fraction of the layer's channels (in [0, 1)); None = stop rule.
         max_accuracy_drop: stop rule: prune while clean val accuracy stays >= baseline - this (absolute,
             e.g. 0.04 = 4 points); the last mask that passed is kept.
-        step: channels masked between two accuracy measurements (None: about 64 measurements per layer).
-        clean_dataloader: the defender's clean data; None = ``datamodule.clean_val_dataloader()`` if it
-            exists, else the first of ``val_dataloader()``.
+        step: channels masked between two accuracy measurements (None: 1, every count; about 64 measurements
+            when the network cannot be cut and the curve re-evaluates it whole).
+        clean_dataloader: the defender's clean data. None: ``fit(val_dataloaders=...)``, else the datamodule's
+            ``clean_val_dataloader()`` or ``val_dataloader()``, else the module's ``val_dataloader()``.
+        clean_dataloader_idx: which of several val dataloaders (list index or dict key) is the clean one;
+            required when there are several.
         triggered_dataloader: optional triggered inputs with attack targets, only to draw ASR on the prune
             curve (never used to decide); None = ``datamodule.triggered_val_dataloader()`` if it exists.
         activation_layer: module whose output gives the ranking statistic (None: ``layer`` itself).
         rectify: take ReLU of the statistic's module output (the paper ranks post-activation values).
         full_curve: keep measuring past the stop point to draw the whole curve (the kept mask is unchanged).
         max_batches: cap on batches per pass over the clean data (None: all).
+        progress: a rich progress bar on a terminal (quiet in logs and CI).
+        batch_to_xy: ``batch -> (inputs, targets, true_labels or None)`` for batch layouts the default cannot read.
+        fast_curve: cache at the layer and re-run only the later layers (False: re-run the whole network).
     """
 
     def __init__(
@@ -68,6 +80,9 @@ class FinePruningCallback(Callback):
         full_curve: bool = False,
         max_batches: int | None = None,
         progress: bool = True,
+        clean_dataloader_idx: int | str | None = None,
+        batch_to_xy: BatchToXY = split_batch,
+        fast_curve: bool = True,
     ) -> None:
         if prune_ratio is not None and not 0.0 <= prune_ratio < 1.0:
             raise MisconfigurationException(f"prune_ratio must be in [0, 1), got {prune_ratio}")
@@ -90,6 +105,9 @@ class FinePruningCallback(Callback):
         self.full_curve = full_curve
         self.max_batches = max_batches
         self.progress = progress
+        self.clean_dataloader_idx = clean_dataloader_idx
+        self.batch_to_xy = batch_to_xy
+        self.fast_curve = fast_curve
         # State, saved in checkpoints so that a resumed fine-tuning keeps its masks and its record.
         self.layer_name: str | None = None
         self.num_channels: int = 0
@@ -109,7 +127,9 @@ class FinePruningCallback(Callback):
 
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.layer_name, _ = resolve_layer(pl_module, self.layer)  # fail early on a bad name
+        if stage != "fit":  # validate/test/predict never prune: any model runs with the callback attached
+            return
+        self.layer_name, _ = resolve_layer(pl_module, self.layer_name or self.layer)  # fail early on a bad name
         if self.activation_layer is not None and self.activation_layer not in dict(pl_module.named_modules()):
             raise MisconfigurationException(f"activation_layer {self.activation_layer!r} is not in the model")
 
@@ -146,82 +166,44 @@ class FinePruningCallback(Callback):
 
     # ----------------------------------------------------------------- pruning
     def prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Rank, mask step by step, keep the last passing mask; fills ``pruned_channels`` and ``prune_curve``."""
-        strategy = trainer.strategy
-        device = pl_module.device
-        clean = self._clean_loader(trainer, pl_module)
+        """Rank, measure the curve, keep the last passing mask; fills ``pruned_channels`` and ``prune_curve``."""
+        clean, clean_idx = self._clean_loader(trainer, pl_module)
         triggered = self._triggered_loader(trainer)
-        conv = self._conv(pl_module)
-        modules = self._modules(pl_module)
-        n = conv.out_channels
-        self.num_channels = n
+        strategy, precision = trainer.strategy, trainer.precision_plugin
 
-        stat_module = dict(pl_module.named_modules())[self.activation_layer] if self.activation_layer else conv
-        recorder = ChannelActivation(stat_module, rectify=self.rectify)
-        try:
-            run_batches(pl_module, clean, device, self.max_batches, count_hits=False)
-        finally:
-            recorder.close()
-        if recorder.sum is None or recorder.sum.numel() != n:
-            raise RuntimeError(
-                f"the ranking statistic of {self.activation_layer or self.layer_name} has "
-                f"{None if recorder.sum is None else recorder.sum.numel()} channels, the pruned layer {n}"
-            )
-        mean_activation = self._mean(strategy, recorder, device)
-        if triggered is not None:  # for the report only: where does the trigger drive the layer?
-            trig_recorder = ChannelActivation(stat_module, rectify=self.rectify)
-            try:
-                run_batches(pl_module, triggered, device, self.max_batches, count_hits=False)
-            finally:
-                trig_recorder.close()
-            self.triggered_activation = [float(v) for v in self._mean(strategy, trig_recorder, device)]
-        self.channel_activation = [float(v) for v in mean_activation]
-        order = self.pruning_order()
+        def transfer(batch: Any, dataloader_idx: int) -> Any:
+            # The evaluation loop's own sequence (lightning.pytorch.loops.evaluation_loop): precision input
+            # conversion, the module's/datamodule's on_before_batch_transfer, then the strategy's transfer with
+            # transfer_batch_to_device and on_after_batch_transfer.
+            batch = precision.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+            return strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
 
-        step = self.step or max(1, n // 64)
-        limit = None if self.prune_ratio is None else int(round(self.prune_ratio * n))
-        schedule = prune_schedule(n, step, None if (self.full_curve or limit is None) else limit)
-        if limit is not None and limit not in schedule:
-            schedule = sorted({*schedule, limit})
-
-        self.prune_curve = []
-        keep_count = 0 if limit is None else limit
-        baseline = None
-        stopped = False
-        bar = tqdm(
-            schedule,
-            desc=f"Pruning {self.layer_name}",
-            # None: tqdm shows the bar on a terminal and stays quiet in logs and CI
-            disable=None if (self.progress and trainer.is_global_zero) else True,
-            leave=False,
+        pruner = FinePruner(
+            pl_module,
+            self.layer_name or self.layer,
+            activation_layer=self.activation_layer,
+            rectify=self.rectify,
+            prune_ratio=self.prune_ratio,
+            max_accuracy_drop=self.max_accuracy_drop,
+            step=self.step,
+            full_curve=self.full_curve,
+            max_batches=self.max_batches,
+            batch_to_xy=self.batch_to_xy,
+            transfer=transfer,
+            forward_context=precision.val_step_context,
+            reduce=lambda t: strategy.reduce(t, reduce_op="sum"),
+            broadcast=lambda v: strategy.broadcast(v, src=0),
+            fast=self.fast_curve,
+            progress=self.progress and trainer.is_global_zero,
         )
-        for k in bar:
-            keep = torch.ones(n, dtype=torch.bool)
-            keep[order[:k]] = False
-            set_channel_mask(modules, keep)
-            acc = self._reduce(strategy, run_batches(pl_module, clean, device, self.max_batches), device)
-            asr = None
-            if triggered is not None:
-                asr = self._reduce(strategy, run_batches(pl_module, triggered, device, self.max_batches), device)
-            if baseline is None:
-                baseline = acc
-            self.prune_curve.append({"pruned": k, "fraction": k / n, "clean_acc": acc, "asr": asr})
-            bar.set_postfix(acc=f"{acc:.3f}", asr="-" if asr is None else f"{asr:.3f}")
-            if limit is None and not stopped:
-                if acc >= baseline - self.max_accuracy_drop:
-                    keep_count = k
-                else:
-                    stopped = True
-                    if not self.full_curve:
-                        break
-        bar.close()
-
-        # All processes must end on the same mask, whatever rounding they saw.
-        keep_count = int(strategy.broadcast(keep_count, src=0))
-        self.pruned_channels = [int(c) for c in order[:keep_count]]
-        self._apply_mask(pl_module)
+        self.layer_name, self.num_channels = pruner.layer_name, pruner.num_channels
+        pruner.rank(clean, triggered, clean_idx=clean_idx, triggered_idx=0)
+        self.channel_activation, self.triggered_activation = pruner.channel_activation, pruner.triggered_activation
+        self.prune_curve = pruner.measure_curve()
+        self.pruned_channels = pruner.apply(pruner.choose())
         self.pruned = True
-        self._log_result(trainer, baseline)
+        self._log_result(trainer, self.prune_curve[0]["clean_acc"] if self.prune_curve else None)
 
     def remove_reparametrization(self, pl_module: L.LightningModule) -> None:
         """Fold the masks into the weights, e.g. before exporting the defended model."""
@@ -241,54 +223,68 @@ class FinePruningCallback(Callback):
         self._conv(pl_module)
         return [m for _, m in masked_modules(pl_module, self.layer_name)]
 
-    @staticmethod
-    def _mean(strategy: Any, recorder: ChannelActivation, device: torch.device) -> torch.Tensor:
-        total = strategy.reduce(recorder.sum.to(device), reduce_op="sum")
-        count = strategy.reduce(torch.tensor(float(recorder.count), device=device), reduce_op="sum")
-        return (total / count).cpu()
-
     def pruning_order(self) -> list[int]:
         """Channels by increasing mean clean activation; ties (e.g. dead channels) broken by index."""
-        return sorted(range(len(self.channel_activation)), key=lambda c: (self.channel_activation[c], c))
+        return pruning_order(self.channel_activation)
 
     def trigger_channel_ranks(self, top: int = 10) -> list[int]:
         """Pruning-order positions (0 = pruned first) of the ``top`` channels the trigger raises most.
 
         Fine-pruning can only work when these sit early in the order (dormant on clean data); PAPER.md.
         """
-        if not self.triggered_activation or not self.channel_activation:
-            return []
-        n = len(self.channel_activation)
-        position = {c: i for i, c in enumerate(self.pruning_order())}
-        lift = [self.triggered_activation[c] - self.channel_activation[c] for c in range(n)]
-        most = sorted(range(n), key=lambda c: -lift[c])[:top]
-        return sorted(position[c] for c in most)
+        return trigger_channel_ranks(self.channel_activation, self.triggered_activation, top)
 
-    @staticmethod
-    def _reduce(strategy: Any, counts: EvalCounts, device: torch.device) -> float:
-        both = strategy.reduce(torch.tensor([counts.correct, counts.total], device=device), reduce_op="sum")
-        return float(both[0] / both[1]) if float(both[1]) else float("nan")
-
-    def _clean_loader(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+    def _clean_loader(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Any, int]:
+        """The defender's clean data, from what the user gave, and its dataloader index for the batch hooks."""
         if self.clean_dataloader is not None:
-            return self.clean_dataloader
+            return self.clean_dataloader, 0
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "clean_val_dataloader"):
-            return dm.clean_val_dataloader()
-        for owner in (dm, pl_module):
-            if owner is None:
-                continue
-            try:
-                loaders = owner.val_dataloader()
-            except (NotImplementedError, AttributeError):
-                continue
-            if isinstance(loaders, dict):
-                return next(iter(loaders.values()))
-            return loaders[0] if isinstance(loaders, list | tuple) else loaders
+            return dm.clean_val_dataloader(), 0
+        # fit(val_dataloaders=...) is where Lightning's own validation reads from (a private attribute, the
+        # same one its loops use); otherwise the datamodule's, then the module's val_dataloader().
+        source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+        given = getattr(source, "instance", None)
+        if given is not None and not isinstance(given, L.LightningModule | L.LightningDataModule):
+            return self._pick(given, "fit(val_dataloaders=...)")
+        for owner, what in ((dm, "the datamodule's val_dataloader()"), (pl_module, "the module's val_dataloader()")):
+            if owner is not None and is_overridden("val_dataloader", owner):
+                return self._pick(owner.val_dataloader(), what)
         raise MisconfigurationException(
-            "FinePruningCallback needs clean validation data: pass clean_dataloader=..., or give the "
-            "datamodule or LightningModule a val_dataloader()"
+            "FinePruningCallback needs clean validation data and found none: pass "
+            "FinePruningCallback(clean_dataloader=...), or fit(model, val_dataloaders=...), or give the "
+            "datamodule a clean_val_dataloader() or val_dataloader(), or the LightningModule a val_dataloader()"
         )
+
+    def _pick(self, loaders: Any, what: str) -> tuple[Any, int]:
+        """The clean one among ``loaders``: the only one, or ``clean_dataloader_idx``; never a silent first pick."""
+        if isinstance(loaders, dict):
+            keys = list(loaders)
+        elif isinstance(loaders, list | tuple):
+            keys = list(range(len(loaders)))
+        else:
+            if self.clean_dataloader_idx not in (None, 0):
+                raise MisconfigurationException(
+                    f"clean_dataloader_idx={self.clean_dataloader_idx!r}, but {what} gives a single dataloader"
+                )
+            return loaders, 0
+        if not keys:
+            raise MisconfigurationException(f"{what} gives no dataloader; FinePruningCallback needs clean data")
+        if self.clean_dataloader_idx is None:
+            if len(keys) > 1:
+                raise MisconfigurationException(
+                    f"{what} gives {len(keys)} dataloaders ({keys}): pass "
+                    f"FinePruningCallback(clean_dataloader_idx=...) "
+                    f"with the one that holds clean data, or clean_dataloader=..."
+                )
+            choice = keys[0]
+        elif self.clean_dataloader_idx in keys:
+            choice = self.clean_dataloader_idx
+        else:
+            raise MisconfigurationException(
+                f"clean_dataloader_idx={self.clean_dataloader_idx!r} is not one of {what}'s dataloaders {keys}"
+            )
+        return loaders[choice], keys.index(choice)
 
     def _triggered_loader(self, trainer: L.Trainer) -> Any:
         if self.triggered_dataloader is not None:

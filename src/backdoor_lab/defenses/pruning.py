@@ -1,20 +1,44 @@
 """Channel pruning primitives of Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018).
 
 Channels of one convolutional layer are ranked by their mean activation on clean data and masked to zero
-with ``torch.nn.utils.prune``. Masks are created once; later steps rewrite the mask buffers in place, so a
-rollback to an earlier mask is exact and cheap, and the masked weights get no gradient while fine-tuning.
+with ``torch.nn.utils.prune`` (the mask mechanics live in ``backdoor_lab.masks``, re-exported here). Masks
+are created once; later steps rewrite the mask buffers in place, so a rollback to an earlier mask is exact and
+cheap, and the masked weights get no gradient while fine-tuning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
 
-MASKED_PARAMS = ("weight", "bias")
+from backdoor_lab.masks import MASKED_PARAMS, fold_prune_masks, make_permanent, set_channel_mask
+from backdoor_lab.metrics import attack_counted
+
+__all__ = [
+    "MASKED_PARAMS",
+    "ChannelActivation",
+    "EvalCounts",
+    "count_correct",
+    "fold_prune_masks",
+    "following_batchnorm",
+    "make_permanent",
+    "masked_modules",
+    "move_to_device",
+    "prune_schedule",
+    "resolve_layer",
+    "run_batches",
+    "set_channel_mask",
+    "split_batch",
+]
+
+INPUT_KEYS = ("inputs", "input", "x", "image", "images")
+TARGET_KEYS = ("targets", "target", "y", "label", "labels")
+TRUE_LABEL_KEYS = ("true_labels", "true_label")
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:
@@ -63,52 +87,6 @@ def masked_modules(model: nn.Module, conv_name: str) -> list[tuple[str, nn.Modul
     return modules
 
 
-def set_channel_mask(modules: Iterable[nn.Module], keep: Tensor) -> None:
-    """Mask output channels where ``keep`` is False on every module's weight and bias.
-
-    The first call installs ``torch.nn.utils.prune`` reparametrizations; later calls overwrite the masks.
-    """
-    keep = keep.bool()
-    for module in modules:
-        for param in MASKED_PARAMS:
-            if getattr(module, param, None) is None:
-                continue
-            current = getattr(module, param + "_orig", getattr(module, param))
-            shape = (-1,) + (1,) * (current.dim() - 1)
-            mask = keep.to(current.device).view(shape).expand_as(current).to(current.dtype)
-            if prune.is_pruned(module) and hasattr(module, param + "_mask"):
-                getattr(module, param + "_mask").copy_(mask)
-                # prune's hook refreshes the masked tensor only at the next forward; keep it current now.
-                with torch.no_grad():
-                    setattr(module, param, current * getattr(module, param + "_mask"))
-            else:
-                prune.custom_from_mask(module, param, mask)
-
-
-def fold_prune_masks(state: dict[str, Tensor], prefixes: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """Turn ``x_orig``/``x_mask`` pairs of ``torch.nn.utils.prune`` into plain masked ``x`` tensors.
-
-    ``prefixes`` limits folding to the named modules (``"net.conv5."``); None folds every pair.
-    """
-    out = {}
-    for key, value in state.items():
-        selected = prefixes is None or any(key.startswith(p) for p in prefixes)
-        if selected and key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state:
-            base = key[: -len("_orig")]
-            out[base] = value * state[base + "_mask"]
-        elif not (selected and key.endswith("_mask") and key[: -len("_mask")] + "_orig" in state):
-            out[key] = value
-    return out
-
-
-def make_permanent(modules: Iterable[nn.Module]) -> None:
-    """Fold the masks into the weights (``prune.remove``) for export; masked channels stay zero."""
-    for module in modules:
-        for param in MASKED_PARAMS:
-            if hasattr(module, param + "_mask"):
-                prune.remove(module, param)
-
-
 class ChannelActivation:
     """Running per-channel sum of a layer's (rectified) output, without keeping activations in memory."""
 
@@ -142,18 +120,43 @@ class EvalCounts:
         return self.correct / self.total if self.total else float("nan")
 
 
+def _first_key(batch: dict, keys: Sequence[str]) -> Any:
+    return next((batch[k] for k in keys if k in batch), None)
+
+
 def split_batch(batch: Sequence | dict | Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(inputs, targets[, true_labels])`` from the batch shapes a plain Lightning project yields."""
+    """``(inputs, targets[, true_labels])`` from the batch shapes a plain Lightning project yields.
+
+    Tuples and lists are read by position; dicts by key (see ``INPUT_KEYS``, ``TARGET_KEYS``,
+    ``TRUE_LABEL_KEYS``). Any other layout needs a ``batch_to_xy`` function of the caller's own.
+    """
     if isinstance(batch, dict):
-        x = batch.get("inputs", batch.get("x", batch.get("image")))
-        y = batch.get("targets", batch.get("y", batch.get("label")))
-        return x, y, batch.get("true_labels")
+        x, y = _first_key(batch, INPUT_KEYS), _first_key(batch, TARGET_KEYS)
+        if x is None or y is None:
+            raise ValueError(
+                f"cannot read inputs and targets from a dict batch with keys {sorted(batch)}: inputs are read from "
+                f"one of {list(INPUT_KEYS)}, targets from one of {list(TARGET_KEYS)} (true labels, optional, from "
+                f"{list(TRUE_LABEL_KEYS)}). For other keys pass batch_to_xy=lambda b: (b['my_x'], b['my_y'], None)."
+            )
+        return x, y, _first_key(batch, TRUE_LABEL_KEYS)
     if isinstance(batch, Tensor):
         return batch, None, None
     x = batch[0]
     y = batch[1] if len(batch) > 1 else None
     true = batch[2] if len(batch) > 2 else None
     return x, y, true
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a (nested) batch on ``device``: the plain-PyTorch batch transfer."""
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
+
+
+def count_correct(logits: Tensor, targets: Tensor, true_labels: Tensor | None = None) -> tuple[float, float]:
+    """(correct, counted) of argmax == target; samples already of the target class are not counted."""
+    targets = targets.to(logits.device)
+    counted = attack_counted(targets, true_labels)
+    return float((logits.argmax(dim=1)[counted] == targets[counted]).sum()), float(counted.sum())
 
 
 @torch.no_grad()
@@ -163,27 +166,32 @@ def run_batches(
     device: torch.device,
     max_batches: int | None = None,
     count_hits: bool = True,
+    batch_to_xy: Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]] = split_batch,
+    transfer: Callable[[Any, int], Any] | None = None,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> EvalCounts:
     """Run ``model`` in eval mode over ``dataloader``; count argmax == target.
 
     With a third batch element (true labels), samples whose true label equals the target are skipped, so
-    the same code gives clean accuracy and attack success rate.
+    the same code gives clean accuracy and attack success rate. ``transfer(batch, dataloader_idx)`` moves a
+    batch (default: every tensor to ``device``); ``forward_context`` wraps the forward (precision).
     """
     was_training = model.training
     model.eval()
     counts = EvalCounts()
+    transfer = transfer or (lambda batch, _: move_to_device(batch, device))
     try:
         for i, batch in enumerate(dataloader):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y, true = split_batch(batch)
-            logits = model(x.to(device))
+            x, y, true = batch_to_xy(transfer(batch, 0))
+            with forward_context():
+                logits = model(x)
             if not count_hits or y is None:
                 continue
-            y = y.to(device)
-            keep = torch.ones_like(y, dtype=torch.bool) if true is None else true.to(device) != y
-            counts.correct += float((logits.argmax(dim=1)[keep] == y[keep]).sum())
-            counts.total += float(keep.sum())
+            correct, total = count_correct(logits, y, true)
+            counts.correct += correct
+            counts.total += total
     finally:
         model.train(was_training)
     return counts

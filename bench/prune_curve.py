@@ -1,0 +1,101 @@
+"""Cost of the whole per-channel prune curve (clean + triggered) against one plain evaluation pass.
+
+For each built-in network: one plain pass over the clean and triggered val-sized data (the unit), the cached
+curve of ``FinePruner`` at every channel count (rank pass included), and the old way (the whole network
+re-run at ~64 points, ``fast=False``), with its per-channel cost extrapolated. The networks are freshly
+initialised (seed 0) and read random inputs of the task's shape, labelled with the network's own answers so the
+curve falls from 100%: dense activations, so no batch can skip a step (the worst case for the cache).
+
+    python bench/prune_curve.py [--threads 2] [--skip-old]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from backdoor_lab.defenses.pruner import FinePruner
+from backdoor_lab.defenses.pruning import run_batches
+from backdoor_lab.masks import fold_prune_masks
+from backdoor_lab.models.deepid import DeepID
+from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
+from backdoor_lab.models.traffic_cnn import TrafficSignCNN
+
+# name, network, input shape, pruned layer, statistic layer, val samples (clean; as many triggered), as conf/
+MODELS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], str, str | None, int]] = [
+    ("signs TrafficSignCNN", lambda: TrafficSignCNN(18), (3, 32, 32), "conv5", None, 18 * 80),
+    ("speech SpectrogramAlexNet", lambda: SpectrogramAlexNet(10), (1, 40, 63), "conv5", None, 600),
+    ("faces DeepID", lambda: DeepID(100), (3, 55, 47), "conv3", "pool3", 100 * 8),
+]
+BATCH = 512  # conf/data/*.yaml eval_batch_size
+
+
+def loaders(net: nn.Module, shape: tuple[int, ...], n: int) -> tuple[DataLoader, DataLoader]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(2):
+        x = torch.randn(n, *shape, generator=gen)
+        with torch.no_grad():
+            y = net(x).argmax(1)
+        out.append(DataLoader(TensorDataset(x, y), batch_size=BATCH))
+    return out[0], out[1]
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--skip-old", action="store_true", help="skip the slow old-way measurement")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        "| network | channels | one plain pass | per-channel curve (cached) | ratio "
+        "| old way (~64 points) | old, per channel |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, make, shape, layer, stat, n in MODELS:
+        torch.manual_seed(0)
+        net = make().eval()
+        clean, triggered = loaders(net, shape, n)
+        run_batches(net, clean, torch.device("cpu"))  # warm-up
+        plain, _ = timed(
+            lambda net=net, clean=clean, triggered=triggered: (
+                run_batches(net, clean, torch.device("cpu")),
+                run_batches(net, triggered, torch.device("cpu")),
+            )
+        )
+        pruner = FinePruner(net, layer, activation_layer=stat, step=1, full_curve=True)
+        fast, _ = timed(lambda p=pruner, c=clean, t=triggered: (p.rank(c, t), p.measure_curve()))
+        channels = pruner.num_channels
+        fast_curve = {p["pruned"]: (p["clean_acc"], p["asr"]) for p in pruner.prune_curve}
+        old_cell = per_channel_cell = "-"
+        if not args.skip_old:
+            torch.manual_seed(0)
+            fresh = make().eval()
+            fresh.load_state_dict(fold_prune_masks(net.state_dict()))  # the fast run left all-ones masks
+            old = FinePruner(fresh, layer, activation_layer=stat, fast=False, full_curve=True)
+            old_s, _ = timed(lambda p=old, c=clean, t=triggered: (p.rank(c, t), p.measure_curve()))
+            points = len(old.prune_curve)
+            agree = all(fast_curve[p["pruned"]] == (p["clean_acc"], p["asr"]) for p in old.prune_curve)
+            old_cell = f"{old_s:.1f} s ({points} points, {old_s / plain:.0f}x; curves agree: {agree})"
+            per_channel_cell = f"~{old_s / points * channels:.0f} s ({old_s / points * channels / plain:.0f}x)"
+        print(
+            f"| {name} | {channels} | {plain:.2f} s | {fast:.2f} s | **{fast / plain:.2f}x** | {old_cell} | "
+            f"{per_channel_cell} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""``FinePruner``: Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018) on any PyTorch classifier, no trainer needed.
+
+rank -> curve -> choose -> mask -> export. One pass over the clean (and triggered) data ranks the channels of
+one conv layer by mean activation and caches the tensors that the layers after it read; the prune curve then
+re-runs only those later layers for each mask, at every channel count. The cut is found with ``torch.fx`` and
+moved down past channel-wise layers (ReLU, pooling) so that masking the cached tensor equals masking the conv;
+skip connections that cross the cut are cached too. A batch whose cached map is zero in the newly pruned
+channels keeps its previous answer (same input, same shapes, same bits). Before the curve, the cut is checked
+against the whole network with half the channels masked; where tracing fails or the answers differ, the curve
+falls back to full re-evaluation with one warning.
+
+Lightning users get the same through ``FinePruningCallback``; the hooks ``transfer``, ``forward_context``,
+``reduce`` and ``broadcast`` are where a trainer plugs in its device transfer, precision and processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from torch import Tensor, fx, nn
+from torch.nn import functional as F
+
+from backdoor_lab.defenses.pruning import (
+    ChannelActivation,
+    count_correct,
+    fold_prune_masks,
+    masked_modules,
+    move_to_device,
+    prune_schedule,
+    resolve_layer,
+    set_channel_mask,
+    split_batch,
+)
+
+log = logging.getLogger(__name__)
+
+BatchToXY = Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]]
+
+# Layers whose output channel c depends only on input channel c and maps an all-zero channel to zero: a mask
+# applied after them equals a mask applied before them.
+CHANNELWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+)
+CHANNELWISE_FUNCTIONS = (
+    F.relu,
+    torch.relu,
+    F.max_pool2d,
+    F.adaptive_max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.dropout,
+)
+CHANNELWISE_METHODS = ("relu", "contiguous")
+
+
+class CannotCutError(RuntimeError):
+    """The network cannot be split at the pruned layer; the curve is measured by full re-evaluation."""
+
+
+@dataclass
+class NetworkSplit:
+    """``head(x)`` -> the values that cross the cut; ``tail(*values)`` -> logits. ``values[cut]`` is masked."""
+
+    head: fx.GraphModule
+    tail: fx.GraphModule
+    cut: int
+    cut_name: str
+
+
+def _is_channelwise(node: fx.Node, modules: dict[str, nn.Module], masked: set[str], source: fx.Node) -> bool:
+    if not node.args or node.args[0] is not source:
+        return False
+    others = [*node.args[1:], *node.kwargs.values()]
+    if any(isinstance(a, fx.Node) for a in others):
+        return False
+    if node.op == "call_module":
+        return node.target in masked or isinstance(modules.get(node.target), CHANNELWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in CHANNELWISE_FUNCTIONS
+    return node.op == "call_method" and node.target in CHANNELWISE_METHODS
+
+
+def split_network(model: nn.Module, layer: str, masked: Iterable[str] = ()) -> NetworkSplit:
+    """Split ``model``'s traced forward after ``layer`` (and the channel-wise layers that follow it).
+
+    Raises ``CannotCutError`` when the forward cannot be traced or calls ``layer`` more than once, and
+    ``ValueError`` when the traced forward never calls ``layer``.
+    """
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means the same thing: no cut, full re-evaluation
+        raise CannotCutError(
+            f"torch.fx cannot trace {type(model).__name__}.forward ({type(err).__name__}: {err})"
+        ) from err
+    nodes = list(traced.graph.nodes)
+    calls = [n for n in nodes if n.op == "call_module" and n.target == layer]
+    if not calls:
+        raise ValueError(
+            f"layer {layer!r} is not reached by {type(model).__name__}.forward; prune a layer the forward uses "
+            f"(modules called: {[n.target for n in nodes if n.op == 'call_module']})"
+        )
+    if len(calls) > 1:
+        raise CannotCutError(f"{layer!r} is called {len(calls)} times in one forward")
+    modules = dict(traced.named_modules())
+    masked = set(masked) | {layer}
+    cut = calls[0]
+    while len(cut.users) == 1 and _is_channelwise(next(iter(cut.users)), modules, masked, cut):
+        cut = next(iter(cut.users))
+    position = nodes.index(cut)
+    head_nodes, tail_nodes = nodes[: position + 1], nodes[position + 1 :]
+    in_tail = set(tail_nodes)
+    crossing = [n for n in head_nodes if n.op != "get_attr" and any(u in in_tail for u in n.users)]
+    if cut not in crossing:
+        raise CannotCutError(f"nothing after {cut.name} reads it")
+
+    head_graph, env = fx.Graph(), {}
+    for node in head_nodes:
+        env[node] = head_graph.node_copy(node, lambda a: env[a])
+    head_graph.output(tuple(env[n] for n in crossing))
+    tail_graph, env = fx.Graph(), {}
+    for node in crossing:
+        env[node] = tail_graph.placeholder(node.name)
+    for node in head_nodes:  # parameters and buffers the tail reads directly
+        if node.op == "get_attr" and any(u in in_tail for u in node.users):
+            env[node] = tail_graph.node_copy(node, lambda a: env[a])
+    for node in tail_nodes:
+        env[node] = tail_graph.node_copy(node, lambda a: env[a])
+    return NetworkSplit(
+        head=fx.GraphModule(traced, head_graph),
+        tail=fx.GraphModule(traced, tail_graph),
+        cut=crossing.index(cut),
+        cut_name=str(cut.target) if cut.op == "call_module" else cut.name,
+    )
+
+
+@dataclass
+class _Batch:
+    """One batch of a cached pass: what crosses the cut, labels, and its current correct count."""
+
+    crossing: tuple | None
+    targets: Tensor
+    true_labels: Tensor | None
+    active: Tensor | None  # per channel: any non-zero value at the cut in this batch
+    correct: float
+    total: float
+    buffer: Tensor | None = None
+
+
+@dataclass
+class _Pass:
+    loader: Iterable
+    dataloader_idx: int
+    batches: list[_Batch] = field(default_factory=list)
+    first_inputs: Tensor | None = None
+
+    @property
+    def correct(self) -> float:
+        return sum(b.correct for b in self.batches)
+
+    @property
+    def total(self) -> float:
+        return sum(b.total for b in self.batches)
+
+
+def _progress(enabled: bool) -> Progress:
+    """The project's one progress-bar style (rich); quiet unless enabled and writing to a terminal."""
+    return Progress(transient=True, disable=not (enabled and Console().is_terminal))
+
+
+class FinePruner:
+    """Fine-Pruning of one conv layer of ``model`` (any ``nn.Module`` whose forward returns logits).
+
+    Example (plain PyTorch; ``clean_loader`` yields ``(inputs, labels)``)::
+
+        from backdoor_lab.defenses.pruner import FinePruner
+        pruner = FinePruner(model, layer="conv5", max_accuracy_drop=0.04)
+        pruner.rank(clean_loader, triggered_loader)  # mean clean activation per channel: one pass
+        pruner.measure_curve()  # clean accuracy (and ASR) at every pruned-channel count
+        pruner.apply(pruner.choose())  # mask the most channels that kept clean accuracy
+        torch.save(pruner.export(), "defended.pt")  # plain weights, pruned channels zero
+
+    Args:
+        model: the network; its forward maps inputs to logits (N, classes).
+        layer: the ``nn.Conv2d`` to prune (``named_modules`` name); None = the last Conv2d.
+        activation_layer: module whose output ranks the channels (None: ``layer``).
+        rectify: rank on ReLU of that output (the paper ranks post-activation values).
+        prune_ratio: prune exactly this fraction (in [0, 1)); None = stop rule.
+        max_accuracy_drop: stop rule: the most channels whose clean accuracy stays >= baseline - this.
+        step: channels masked between two measurements; None = 1 (every count), or about 64 measurements
+            when the curve falls back to full re-evaluation.
+        full_curve: measure past the stop point (the chosen count is unchanged).
+        max_batches: cap on batches per pass.
+        batch_to_xy: ``batch -> (inputs, targets, true_labels or None)``; default reads tuples and dicts.
+        transfer: ``(batch, dataloader_idx) -> batch`` on the model's device (default: every tensor moved).
+        forward_context: context for each forward (a trainer's precision); default none.
+        reduce: sums a tensor over processes (default: one process).
+        broadcast: the chosen count from process 0 (default: one process).
+        fast: cache at the layer and re-run only the later layers (falls back by itself when it cannot).
+        progress: a rich progress bar on a terminal.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        *,
+        activation_layer: str | None = None,
+        rectify: bool = True,
+        prune_ratio: float | None = None,
+        max_accuracy_drop: float = 0.04,
+        step: int | None = None,
+        full_curve: bool = False,
+        max_batches: int | None = None,
+        batch_to_xy: BatchToXY = split_batch,
+        transfer: Callable[[Any, int], Any] | None = None,
+        forward_context: Callable[[], AbstractContextManager] = nullcontext,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        broadcast: Callable[[int], int] | None = None,
+        fast: bool = True,
+        progress: bool = False,
+    ) -> None:
+        if prune_ratio is not None and not 0.0 <= prune_ratio < 1.0:
+            raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+        if max_accuracy_drop is None or not 0.0 <= max_accuracy_drop <= 1.0:
+            raise ValueError(
+                f"max_accuracy_drop must be a fraction in [0, 1] (0.04 = 4 points), got {max_accuracy_drop}"
+            )
+        if step is not None and step < 1:
+            raise ValueError(f"step must be a positive channel count, got {step}")
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches must be positive, got {max_batches}")
+        self.model = model
+        self.layer_name, self.conv = resolve_layer(model, layer)
+        named = dict(model.named_modules())
+        if activation_layer is not None and activation_layer not in named:
+            raise ValueError(f"activation_layer {activation_layer!r} is not in {type(model).__name__}")
+        self.stat_module = named[activation_layer] if activation_layer else self.conv
+        self.activation_layer = activation_layer
+        self.rectify = rectify
+        self.prune_ratio = prune_ratio
+        self.max_accuracy_drop = max_accuracy_drop
+        self.step = step
+        self.full_curve = full_curve
+        self.max_batches = max_batches
+        self.batch_to_xy = batch_to_xy
+        self.transfer = transfer
+        self.forward_context = forward_context
+        self.reduce = reduce or (lambda t: t)
+        self.broadcast = broadcast or (lambda v: v)
+        self.fast = fast
+        self.progress = progress
+        self.num_channels = self.conv.out_channels
+        self.modules = [m for _, m in masked_modules(model, self.layer_name)]
+        self.channel_activation: list[float] = []
+        self.triggered_activation: list[float] = []
+        self.prune_curve: list[dict[str, float | None]] = []
+        self.pruned_channels: list[int] = []
+        self.split: NetworkSplit | None = None
+        self._clean: _Pass | None = None
+        self._triggered: _Pass | None = None
+
+    # ----------------------------------------------------------------- rank
+    @torch.no_grad()
+    def rank(
+        self, clean: Iterable, triggered: Iterable | None = None, clean_idx: int = 0, triggered_idx: int = 0
+    ) -> list[float]:
+        """One pass over ``clean`` (and ``triggered``): channel means, baseline counts and the cache at the cut.
+
+        Returns ``channel_activation``. Every check of the input happens here, before anything is pruned.
+        """
+        if self.fast and self.split is None:
+            try:
+                masked = [name for name, _ in masked_modules(self.model, self.layer_name)]
+                self.split = split_network(self.model, self.layer_name, masked)
+            except CannotCutError as err:
+                self._fall_back(str(err))
+        if any(hasattr(m, "weight_mask") for m in self.modules):  # rank the unpruned network
+            set_channel_mask(self.modules, torch.ones(self.num_channels, dtype=torch.bool))
+        self._clean, clean_mean = self._first_pass(clean, clean_idx, "clean")
+        self.channel_activation = [float(v) for v in clean_mean]
+        self._triggered = None
+        if triggered is not None:  # for the report only: where does the trigger drive the layer?
+            self._triggered, trig_mean = self._first_pass(triggered, triggered_idx, "triggered")
+            self.triggered_activation = [float(v) for v in trig_mean]
+        if self.split is not None:
+            self._verify_split()
+        return self.channel_activation
+
+    def _device(self) -> torch.device:
+        first = next(iter(self.model.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def _move(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.transfer is not None:
+            return self.transfer(batch, dataloader_idx)
+        return move_to_device(batch, self._device())
+
+    def _first_pass(self, loader: Iterable, dataloader_idx: int, what: str) -> tuple[_Pass, Tensor]:
+        data = _Pass(loader, dataloader_idx)
+        recorder = ChannelActivation(self.stat_module, rectify=self.rectify)
+        calls: list[int] = []
+        reached = self.conv.register_forward_hook(lambda *_: calls.append(1))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i, batch in enumerate(loader):
+                if self.max_batches is not None and i >= self.max_batches:
+                    break
+                x, y, true = self.batch_to_xy(self._move(batch, dataloader_idx))
+                with self.forward_context():
+                    if self.split is not None:
+                        crossing = self.split.head(x)
+                        logits = self.split.tail(*crossing)
+                    else:
+                        crossing, logits = None, self.model(x)
+                if i == 0:
+                    self._check_first_batch(x, y, logits, calls, recorder, what)
+                    data.first_inputs = x
+                correct, total = count_correct(logits, y, true)
+                active = None
+                if crossing is not None:
+                    cut = crossing[self.split.cut]
+                    if cut.dim() < 2 or cut.shape[1] != self.num_channels:
+                        self._fall_back(f"the value at the cut ({self.split.cut_name}) has shape {tuple(cut.shape)}")
+                        crossing = None
+                    else:
+                        active = cut.ne(0).transpose(0, 1).reshape(self.num_channels, -1).any(dim=1).cpu()
+                data.batches.append(_Batch(crossing, y, true, active, correct, total))
+        finally:
+            reached.remove()
+            recorder.close()
+            self.model.train(was_training)
+        if not data.batches:
+            raise ValueError(f"the {what} dataloader yielded no batches: FinePruner needs {what} data to prune on")
+        if self.split is None:  # the fallback re-reads the loader for every mask; keep no tensors
+            for b in data.batches:
+                b.crossing = None
+        total = self.reduce(recorder.sum.to(self._device()))
+        count = self.reduce(torch.tensor(float(recorder.count), device=total.device))
+        return data, (total / count).cpu()
+
+    def _check_first_batch(
+        self, x: Any, y: Tensor | None, logits: Any, calls: list, recorder: ChannelActivation, what: str
+    ) -> None:
+        name = type(self.model).__name__
+        if not calls:
+            raise ValueError(f"layer {self.layer_name!r} is not reached by {name}.forward: prune a layer it uses")
+        if recorder.sum is None:
+            raise ValueError(f"activation_layer {self.activation_layer!r} is not reached by {name}.forward")
+        if recorder.sum.numel() != self.num_channels:
+            raise ValueError(
+                f"the ranking statistic of {self.activation_layer or self.layer_name} has {recorder.sum.numel()} "
+                f"channels, the pruned layer {self.num_channels}"
+            )
+        batch_size = x.shape[0] if isinstance(x, Tensor) else None
+        if not (isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[0] == batch_size):
+            got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"{name}.forward must return logits of shape (batch={batch_size}, classes); it returned {got}. "
+                f"Wrap the model so that forward(inputs) returns the class scores."
+            )
+        if y is None:
+            raise ValueError(f"the {what} batches carry no targets: FinePruner counts argmax == target")
+
+    def _fall_back(self, reason: str) -> None:
+        warnings.warn(
+            f"FinePruner: the prune curve re-evaluates the whole network at every step ({reason})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.split = None
+
+    def _verify_split(self) -> None:
+        """The cut must give exactly the whole network's logits, unmasked and with half the channels masked."""
+        order = self.pruning_order()
+        first = self._clean.batches[0]
+        keep = torch.ones(self.num_channels, dtype=torch.bool)
+        keep[order[: self.num_channels // 2]] = False
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.forward_context():
+                set_channel_mask(self.modules, keep)
+                whole_masked = self.model(self._clean.first_inputs)
+                set_channel_mask(self.modules, torch.ones(self.num_channels, dtype=torch.bool))
+                whole = self.model(self._clean.first_inputs)
+                cut_masked = self._tail(first, keep)
+                cut = self._tail(first, torch.ones(self.num_channels, dtype=torch.bool))
+        finally:
+            self.model.train(was_training)
+        if not (torch.equal(whole, cut) and torch.equal(whole_masked, cut_masked)):
+            for data in (self._clean, self._triggered):
+                for b in data.batches if data else []:
+                    b.crossing = None
+            self._fall_back(f"the split at {self.split.cut_name} does not give the whole network's logits")
+
+    def _tail(self, batch: _Batch, keep: Tensor) -> Tensor:
+        # Other values crossing the cut (skip connections) are copied: the tail may work on them in place. The
+        # masked map is written into a buffer kept per batch: fresh allocations dominate the tail's cost on CPU.
+        values = [
+            v.clone() if isinstance(v, Tensor) and i != self.split.cut else v for i, v in enumerate(batch.crossing)
+        ]
+        cut = batch.crossing[self.split.cut]
+        if batch.buffer is None:
+            batch.buffer = torch.empty_like(cut)
+        mask = keep.to(cut.device, cut.dtype).view(1, -1, *([1] * (cut.dim() - 2)))
+        values[self.split.cut] = torch.mul(cut, mask, out=batch.buffer)
+        return self.split.tail(*values)
+
+    # ----------------------------------------------------------------- curve
+    @torch.no_grad()
+    def measure_curve(self) -> list[dict[str, float | None]]:
+        """Clean accuracy (and ASR) after masking the 0, step, 2*step, ... least active channels."""
+        if self._clean is None:
+            raise RuntimeError("call rank(clean_loader) before measure_curve()")
+        n, order = self.num_channels, self.pruning_order()
+        step = self.step or (1 if self.split is not None else max(1, n // 64))
+        limit = None if self.prune_ratio is None else int(round(self.prune_ratio * n))
+        schedule = prune_schedule(n, step, None if (self.full_curve or limit is None) else limit)
+        if limit is not None and limit not in schedule:
+            schedule = sorted({*schedule, limit})
+        self.prune_curve, baseline, previous = [], None, 0
+        bar = _progress(self.progress)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with bar:
+                task = bar.add_task(f"Pruning {self.layer_name}", total=len(schedule))
+                for k in schedule:
+                    keep = torch.ones(n, dtype=torch.bool)
+                    keep[order[:k]] = False
+                    newly = order[previous:k]
+                    if self.split is None and k > 0:
+                        set_channel_mask(self.modules, keep)
+                    acc = self._rate(self._clean, keep, newly)
+                    asr = None if self._triggered is None else self._rate(self._triggered, keep, newly)
+                    baseline = acc if baseline is None else baseline
+                    self.prune_curve.append({"pruned": k, "fraction": k / n, "clean_acc": acc, "asr": asr})
+                    bar.update(task, advance=1)
+                    previous = k
+                    if limit is None and not self.full_curve and acc < baseline - self.max_accuracy_drop:
+                        break
+        finally:
+            self.model.train(was_training)
+            if self.split is None and any(hasattr(m, "weight_mask") for m in self.modules):
+                set_channel_mask(self.modules, torch.ones(n, dtype=torch.bool))
+        return self.prune_curve
+
+    def _rate(self, data: _Pass, keep: Tensor, newly: list[int]) -> float:
+        if newly:
+            if self.split is not None:
+                for b in data.batches:
+                    if bool(b.active[newly].any()):  # else: same input to the tail, same answer
+                        with self.forward_context():
+                            b.correct = count_correct(self._tail(b, keep), b.targets, b.true_labels)[0]
+            else:
+                for b, batch in zip(data.batches, data.loader, strict=False):
+                    x, y, true = self.batch_to_xy(self._move(batch, data.dataloader_idx))
+                    with self.forward_context():
+                        b.correct, b.total = count_correct(self.model(x), y, true)
+        both = self.reduce(torch.tensor([data.correct, data.total], dtype=torch.float64, device=self._device()))
+        return float(both[0] / both[1]) if float(both[1]) else float("nan")
+
+    # ----------------------------------------------------------------- choose, mask, export
+    def choose(self) -> int:
+        """How many channels to prune: ``prune_ratio`` of them, or the last count that passed the stop rule."""
+        if self.prune_ratio is not None:
+            count = int(round(self.prune_ratio * self.num_channels))
+        else:
+            if not self.prune_curve:
+                raise RuntimeError("the stop rule needs the curve: call measure_curve() first")
+            baseline, count = self.prune_curve[0]["clean_acc"], 0
+            for point in self.prune_curve:
+                if point["clean_acc"] < baseline - self.max_accuracy_drop:
+                    break
+                count = int(point["pruned"])
+        return int(self.broadcast(count))  # every process ends on the same mask
+
+    def apply(self, count: int | None = None) -> list[int]:
+        """Mask the ``count`` least active channels (default: ``choose()``); frees the cached pass."""
+        count = self.choose() if count is None else count
+        self.pruned_channels = [int(c) for c in self.pruning_order()[:count]]
+        set_channel_mask(self.modules, self.keep_mask())
+        self._clean = self._triggered = None
+        return self.pruned_channels
+
+    def run(self, clean: Iterable, triggered: Iterable | None = None, **rank_kwargs: int) -> list[int]:
+        """rank -> measure_curve -> apply(choose()): the whole defense before fine-tuning."""
+        self.rank(clean, triggered, **rank_kwargs)
+        self.measure_curve()
+        return self.apply()
+
+    def keep_mask(self) -> Tensor:
+        keep = torch.ones(self.num_channels, dtype=torch.bool)
+        keep[self.pruned_channels] = False
+        return keep
+
+    def export(self) -> dict[str, Tensor]:
+        """The model's state dict with plain weights (pruned channels zero): loads into an unpruned copy."""
+        return fold_prune_masks(self.model.state_dict())
+
+    # ----------------------------------------------------------------- reading the ranking
+    def pruning_order(self) -> list[int]:
+        """Channels by increasing mean clean activation; ties (e.g. dead channels) broken by index."""
+        return pruning_order(self.channel_activation)
+
+    def trigger_channel_ranks(self, top: int = 10) -> list[int]:
+        return trigger_channel_ranks(self.channel_activation, self.triggered_activation, top)
+
+
+def pruning_order(channel_activation: list[float]) -> list[int]:
+    """Channels by increasing mean clean activation; ties (e.g. dead channels) broken by index."""
+    return sorted(range(len(channel_activation)), key=lambda c: (channel_activation[c], c))
+
+
+def trigger_channel_ranks(
+    channel_activation: list[float], triggered_activation: list[float], top: int = 10
+) -> list[int]:
+    """Pruning-order positions (0 = pruned first) of the ``top`` channels the trigger raises most.
+
+    Fine-pruning can only work when these sit early in the order (dormant on clean data); PAPER.md.
+    """
+    if not triggered_activation or not channel_activation:
+        return []
+    n = len(channel_activation)
+    position = {c: i for i, c in enumerate(pruning_order(channel_activation))}
+    lift = [triggered_activation[c] - channel_activation[c] for c in range(n)]
+    most = sorted(range(n), key=lambda c: -lift[c])[:top]
+    return sorted(position[c] for c in most)
