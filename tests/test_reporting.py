@@ -326,3 +326,10 @@ def test_an_unreadable_result_is_listed_and_the_rest_kept(sweep: Path) -> None:
     assert "| Fine-tuning | 96.00 ± 1.00 (3) | 50.00 ± 0.00 (3) |" in text
     assert "- `1` (experiment=signs_badnets seed=1 fine_tune.epochs=5): done; missing fine_pruning; error: " in text
     assert "unreadable defense/fine_pruning/metrics.json: Unterminated string" in text
+
+
+def test_a_job_that_failed_after_recording_its_results_is_listed(sweep: Path) -> None:
+    """Hydra's JobReturn (via the callback) knows of a failure after job.json said done: the job is listed."""
+    text = summarize(sweep, job_errors={sweep / "0": "KeyError: 'clean_acc'"}).read_text()
+    assert "- `0` (experiment=signs_badnets seed=0 fine_tune.epochs=5): done; error: KeyError: 'clean_acc'" in text
+    assert "| Fine-pruning | 98.00 ± 1.00 (3) | 30.00 ± 26.46 (3) |" in text  # its results still count

@@ -265,7 +265,7 @@ def collect_runs(folder: str | Path, job_errors: Mapping[Path, str] | None = Non
         finished = {r.defense for r in results}
         missing = [d for d in expected if d not in finished]
         status = str(job.get("status", "unknown"))
-        if status != "done" or missing or read_errors:
+        if status != "done" or missing or read_errors or job_dir in known_errors:  # e.g. failed after job.json
             error = job.get("error") or known_errors.get(job_dir)
             if status == "running" and not error:
                 error = "job.json says running: still running, or killed before it could record a failure"
