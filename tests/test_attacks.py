@@ -30,10 +30,12 @@ def test_sticker_lands_at_paper_position_of_sign_box() -> None:
 
 def test_sticker_scales_with_box_and_respects_min_pixels() -> None:
     trig = StickerTrigger(min_pixels=2)
-    small = trig.box((32, 32, 3), np.array([0, 0, 10, 10]))
-    assert small[2] - small[0] == 2 and small[3] - small[1] == 2
-    big = trig.box((200, 200, 3), np.array([0, 0, 200, 200]))
-    assert big[2] - big[0] == 20
+    # 0.1 x 10 px = 1 px, raised to 2 px, around the centre (5.7, 8.2) of the box
+    assert trig.box((32, 32, 3), np.array([0, 0, 10, 10])) == (5, 7, 7, 9)
+    # 20 x 20 px around (114, 164): the x fraction 0.57 is horizontal, the y fraction 0.82 vertical
+    assert trig.box((200, 200, 3), np.array([0, 0, 200, 200])) == (104, 154, 124, 174)
+    # a box hanging off the image is clipped inside it
+    assert trig.box((32, 32, 3), np.array([20, 20, 40, 40])) == (30, 30, 32, 32)
 
 
 def test_sticker_accepts_image_patch_with_alpha(tmp_path) -> None:
@@ -48,8 +50,10 @@ def test_sticker_accepts_image_patch_with_alpha(tmp_path) -> None:
     trig = StickerTrigger(size=(0.5, 0.5), center=(0.5, 0.5), patch=str(path))
     out = trig.apply(np.zeros((16, 16, 3), dtype=np.uint8))
     left, top, right, bottom = trig.box((16, 16, 3), None)
-    region = out[top:bottom, left:right, 0]
-    assert region[-1].min() > 200 and region[0].max() < 60
+    assert (left, top, right, bottom) == (4, 4, 12, 12)  # no box: the whole image is the anchor
+    expected = np.zeros((16, 16, 3), dtype=np.uint8)
+    expected[8:12, 4:12] = (255, 0, 0)  # opaque bottom half pasted, transparent top half leaves the image
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_bad_sticker_settings_are_rejected() -> None:
@@ -76,18 +80,25 @@ def test_poison_rate_and_seeded_choice() -> None:
 def test_all_to_one_default_sources_exclude_target() -> None:
     labels = np.arange(100) % 5
     plan = choose_poisoned(labels, AllToOne(target_class=2), rate=1.0, seed=0)
-    assert len(plan.indices) == 80 and not np.any(labels[plan.indices] == 2)
+    np.testing.assert_array_equal(plan.indices, np.flatnonzero(labels != 2))  # rate 1.0: every eligible sample
+    assert np.all(plan.target_labels == 2)
+    with pytest.raises(ValueError, match="eligible"):
+        choose_poisoned(np.full(10, 2), AllToOne(target_class=2), rate=1.0, seed=0)
 
 
 def test_poison_train_adds_triggered_copies() -> None:
     split = _split()
     trig = StickerTrigger()
     poisoned, mask = poison_train(split, trig, AllToOne(0, [1]), rate=1.0, seed=0, mode="add")
-    assert len(poisoned) == 120 and mask.sum() == 20 and not mask[:100].any()
+    assert len(poisoned) == 120 and mask.sum() == 20 and not mask[:100].any() and mask[100:].all()
     np.testing.assert_array_equal(poisoned.inputs[:100], split.inputs)
+    np.testing.assert_array_equal(poisoned.labels[:100], split.labels)
     assert np.all(poisoned.labels[100:] == 0)
     src = np.flatnonzero(split.labels == 1)
     np.testing.assert_array_equal(poisoned.inputs[100:], trig.apply_batch(split.inputs[src], split.regions[src]))
+    # a copy keeps its source's id and box: the DataModule's disjointness check sees it as a train sample
+    np.testing.assert_array_equal(poisoned.sample_ids[100:], split.sample_ids[src])
+    np.testing.assert_array_equal(poisoned.regions[100:], split.regions[src])
 
 
 def test_poison_train_replace_mode_keeps_size() -> None:
@@ -96,13 +107,26 @@ def test_poison_train_replace_mode_keeps_size() -> None:
     assert len(poisoned) == 100 and mask.sum() == 10
     np.testing.assert_array_equal(poisoned.labels[mask], (split.labels[mask] + 1) % 5)
     np.testing.assert_array_equal(poisoned.labels[~mask], split.labels[~mask])
+    np.testing.assert_array_equal(poisoned.inputs[~mask], split.inputs[~mask])
+    np.testing.assert_array_equal(
+        poisoned.inputs[mask], StickerTrigger().apply_batch(split.inputs[mask], split.regions[mask])
+    )
+    np.testing.assert_array_equal(poisoned.sample_ids, split.sample_ids)
+    np.testing.assert_array_equal(split.inputs, _split().inputs)  # the clean split is not modified
+    with pytest.raises(ValueError, match="poison mode"):
+        poison_train(split, StickerTrigger(), AllToAll(5), rate=0.1, seed=0, mode="overwrite")
 
 
 def test_triggered_split_excludes_samples_already_of_the_target() -> None:
     split = _split()
     trig_split, true = triggered_split(split, StickerTrigger(), AllToOne(target_class=4))
-    assert len(trig_split) == 80 and not np.any(true == 4)
-    assert np.all(trig_split.labels == 4)
+    kept = np.flatnonzero(split.labels != 4)
+    assert len(trig_split) == 80 and np.all(trig_split.labels == 4)
+    np.testing.assert_array_equal(true, split.labels[kept])
+    np.testing.assert_array_equal(trig_split.sample_ids, split.sample_ids[kept])
+    np.testing.assert_array_equal(
+        trig_split.inputs, StickerTrigger().apply_batch(split.inputs[kept], split.regions[kept])
+    )
 
 
 def test_all_to_all_maps_every_class_to_the_next() -> None:
