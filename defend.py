@@ -1,4 +1,4 @@
-"""Defend a checkpoint: python defend.py [ckpt_path=...] [defense=...] [-m defense.prune_ratio=0.2,0.5]."""
+"""Defend a checkpoint: python defend.py [ckpt_path=...] [defenses=[...]] [-m prune.prune_ratio=0.2,0.5]."""
 
 import hydra
 from omegaconf import DictConfig
@@ -8,8 +8,7 @@ from backdoor_lab.pipeline import defend
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="defend")
 def main(cfg: DictConfig) -> float:
-    metrics = defend(cfg)
-    return metrics["after"]["clean_acc"]
+    return defend(cfg)["objective"]  # for sweepers: see `objective` in conf/defend.yaml
 
 
 if __name__ == "__main__":

@@ -18,14 +18,24 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from backdoor_lab.checkpoints import load_weights
 from backdoor_lab.data.module import BackdoorDataModule
 from backdoor_lab.defenses.base import Defense, DefenseContext
 from backdoor_lab.models.classifier import BackdoorClassifier
-from backdoor_lab.reporting import plot_prune_curve, write_curve_csv, write_json
+from backdoor_lab.reporting import (
+    log_config,
+    log_defense_result,
+    log_run_summary,
+    plot_prune_curve,
+    wandb_run_settings,
+    write_curve_csv,
+    write_json,
+)
 from backdoor_lab.runs import (
     MODEL_DEFINING,
     MODEL_FILE,
@@ -119,19 +129,39 @@ def build_defense(cfg: DictConfig, name: str) -> Defense:
     return defense
 
 
-def build_loggers(cfg: DictConfig, save_dir: Path, job_type: str, name: str, config: dict) -> list:
-    """This stage's loggers (CSV, W&B offline ...), each saving under ``save_dir``, with the config as hparams."""
+def build_loggers(cfg: DictConfig, save_dir: Path, job_type: str, stage: str, config: dict) -> list:
+    """One stage's loggers (CSV, W&B offline ...), each saving under ``save_dir``, with the config as hparams.
+
+    Every stage (the training, each defense) is a W&B run of its own, named and tagged by the job's overrides
+    and grouped by sweep (or by task outside a sweep), so a dashboard can filter and compare them.
+    """
     loggers = []
     for lg_cfg in (cfg.get("logger") or {}).values():
         if lg_cfg is None or "_target_" not in lg_cfg:
             continue
         extra: dict[str, Any] = {"save_dir": str(save_dir)}
         if "WandbLogger" in lg_cfg._target_:
-            extra.update(name=name, job_type=job_type, tags=job_overrides() or None)
+            group = Path(HydraConfig.get().sweep.dir).name if _in_multirun() else task_name(cfg)
+            extra.update(wandb_run_settings(job_overrides(), job_type, group, task=task_name(cfg)))
+            extra["name"] = f"{extra['name']}-{stage}"
         loggers.append(instantiate(lg_cfg, **extra))
-    for logger in loggers:
-        logger.log_hyperparams(config)
+    log_config(loggers, config)
     return loggers
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def close_loggers(loggers: list) -> None:
+    """End this stage's W&B run so that the next stage (or the next job of a sweep) starts its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def wandb_run_id(loggers: list) -> str | None:
+    return next((lg.experiment.id for lg in loggers if isinstance(lg, WandbLogger)), None)
 
 
 def build_trainer(
@@ -194,7 +224,7 @@ def train_model(cfg: DictConfig, run_dir: Path) -> TrainRun:
     flat = training_config(cfg)
     key = train_key(flat)
     variant = attack_variant(cfg)
-    loggers = build_loggers(cfg, run_dir, "train", f"train-{task_name(cfg)}-{variant}-seed{cfg.seed}", resolved(cfg))
+    loggers = build_loggers(cfg, run_dir, "train", variant, resolved(cfg))
     record: dict[str, Any] = {}
     if cfg.get("pruning_aware"):
         attack = instantiate(cfg.pruning_aware)
@@ -228,8 +258,11 @@ def train_model(cfg: DictConfig, run_dir: Path) -> TrainRun:
         "overrides": job_overrides(),
         "checkpoint": str(run_dir / MODEL_FILE),
         "run_dir": str(run_dir),
+        "wandb_run_id": wandb_run_id(loggers),
         "finished": now(),
     }
+    log_run_summary(loggers, metrics)
+    close_loggers(loggers)
     write_json(run_dir / "metrics.json", metrics)
     log.info(
         "Trained model: clean accuracy %.4f, attack success rate %.4f -> %s", test["clean_acc"], test["asr"], run_dir
@@ -280,9 +313,14 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
         load_weights(model, run.checkpoint)
         before = evaluate(cfg, model, dm)
         log.info("Before %s: clean accuracy %.4f, ASR %.4f", defense.name, before["clean_acc"], before["asr"])
-        config = {**resolved(cfg), "defense": {"name": defense.name, **_plain(defense_config(cfg, defense.name))}}
-        name = f"defend-{task_name(cfg)}-{defense.name}-seed{cfg.seed}"
-        loggers = build_loggers(cfg, out, "defend", name, config)
+        config = {
+            **resolved(cfg),
+            "defense": {"name": defense.name, **_plain(defense_config(cfg, defense.name))},
+            "train_run": None if run.run_dir is None else str(run.run_dir),
+            "train_wandb_run_id": run.metrics.get("wandb_run_id"),
+            "checkpoint": str(run.checkpoint),
+        }
+        loggers = build_loggers(cfg, out, "defend", defense.name, config)
         context = DefenseContext(
             model=model,
             datamodule=dm,
@@ -294,7 +332,10 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
         after = evaluate(cfg, model, dm)
         log.info("After %s: clean accuracy %.4f, ASR %.4f", defense.name, after["clean_acc"], after["asr"])
         defense.export(model)
-        results[defense.name] = write_defense_result(cfg, defense, run, out, before, after, record, config, dm, model)
+        result = write_defense_result(cfg, defense, run, out, before, after, record, config, dm, model)
+        log_defense_result(loggers, result, out / "prune_curve.png" if record.get("prune_curve") else None)
+        close_loggers(loggers)
+        results[defense.name] = result
     return results
 
 

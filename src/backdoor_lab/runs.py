@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from backdoor_lab.reporting.files import write_replace
 
 log = logging.getLogger(__name__)
 
@@ -126,26 +126,6 @@ def train_run_of_checkpoint(path: Path) -> TrainRun | None:
         if run is not None:
             return TrainRun(run.run_dir, path, run.metrics)
     return None
-
-
-def write_replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename), replacing what is there: for status files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class JobRecord:

@@ -163,3 +163,15 @@ def images_to_tensor(images: np.ndarray, mean: float = 0.5, std: float = 0.25) -
     """uint8 (N, H, W, C) images -> normalized float32 (N, C, H, W)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     return x.sub_(mean).div_(std)
+
+
+def check_scale(scale: float) -> float:
+    """A source's ``scale`` (shrinks or grows its sample counts), checked: a positive number."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+        raise ValueError(f"data.source.scale must be a positive number (1.0 = the documented size), got {scale!r}")
+    return float(scale)
+
+
+def scaled(count: int, scale: float) -> int:
+    """``count`` times ``scale``, rounded, at least 1."""
+    return max(1, int(round(count * scale)))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from rich.progress import track
 
-from backdoor_lab.data.base import DEFAULT_CACHE_DIR, CachedSource, images_to_tensor
+from backdoor_lab.data.base import DEFAULT_CACHE_DIR, CachedSource, check_scale, images_to_tensor, scaled
 from backdoor_lab.data.faces.crop import FACE_HEIGHT, FACE_WIDTH
 from backdoor_lab.data.faces.identity import FaceIdentity, ImageConditions, sample_conditions, sample_identity
 from backdoor_lab.data.faces.render import FaceRenderer
@@ -38,7 +38,9 @@ class SyntheticFaces(CachedSource):
         supersample: int = 4,
         cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
         progress: bool = True,
+        scale: float = 1.0,
     ) -> None:
+        num_identities = max(2, scaled(num_identities, check_scale(scale)))  # fewer people, as many photos each
         if num_identities < 2:
             raise ValueError(f"num_identities must be >= 2, got {num_identities}")
         for arg, value in (

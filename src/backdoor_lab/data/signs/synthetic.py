@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from rich.progress import track
 
-from backdoor_lab.data.base import DEFAULT_CACHE_DIR, CachedSource, images_to_tensor
+from backdoor_lab.data.base import DEFAULT_CACHE_DIR, CachedSource, check_scale, images_to_tensor, scaled
 from backdoor_lab.data.signs.render import SIGN_CLASSES, SignRenderer
 from backdoor_lab.splits import RawSplit
 
@@ -14,7 +14,8 @@ from backdoor_lab.splits import RawSplit
 class SyntheticTrafficSigns(CachedSource):
     """Built-in GTSRB-like data: ``per_class`` counts of train, val (defender's) and test images per class.
 
-    Splits are rendered from disjoint seed ranges, so no image appears in two splits; rendered once and
+    ``scale`` multiplies the three counts (``debug=tiny`` runs any command at a tiny size); 1.0 is the
+    documented size. Splits are rendered from disjoint seed ranges, so no image appears in two splits; rendered once and
     cached under ``cache_dir`` (the cache name hashes every parameter).
     """
 
@@ -30,7 +31,12 @@ class SyntheticTrafficSigns(CachedSource):
         test_per_class: int = 150,
         classes: list[str] | None = None,
         progress: bool = True,
+        scale: float = 1.0,
     ) -> None:
+        scale = check_scale(scale)
+        train_per_class, val_per_class, test_per_class = (
+            scaled(n, scale) for n in (train_per_class, val_per_class, test_per_class)
+        )
         self.cache_dir = cache_dir
         self.seed = seed
         self.image_size = image_size

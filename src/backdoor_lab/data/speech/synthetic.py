@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from rich.progress import track
 
-from backdoor_lab.data.base import DEFAULT_CACHE_DIR, stratified_holdout
+from backdoor_lab.data.base import DEFAULT_CACHE_DIR, check_scale, scaled, stratified_holdout
 from backdoor_lab.data.speech.audio import fit_length, resample, trim_silence
 from backdoor_lab.data.speech.digits import DIGIT_WORDS, SpokenDigitSource
 from backdoor_lab.data.speech.espeak import EspeakSynthesizer
@@ -89,7 +89,12 @@ class SpokenDigits(SpokenDigitSource):
         n_fft: int = 512,
         hop_length: int = 256,
         progress: bool = True,
+        scale: float = 1.0,
     ) -> None:
+        scale = check_scale(scale)
+        if scale != 1.0:  # fewer voices and utterances, at least two voices (train and test)
+            n_voices = max(2, scaled(n_voices, scale)) if voices is None else n_voices
+            n_utterances = max(10 * (n_voices if voices is None else len(voices)), scaled(n_utterances, scale))
         if not 0.0 < test_voice_fraction < 1.0:
             raise ValueError(f"test_voice_fraction must be in (0, 1), got {test_voice_fraction}")
         super().__init__(sample_rate, duration_s, seed, cache_dir, n_mels, n_fft, hop_length, progress)
