@@ -77,8 +77,8 @@ def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dic
 
 # ----------------------------------------------------------------------------- building blocks
 def output_dir(cfg: DictConfig) -> Path:
-    """This job's folder: ``paths.run_dir`` (Hydra's output dir unless a caller sets it)."""
-    return Path(cfg.paths.run_dir)
+    """This job's folder, absolute: ``paths.run_dir`` (Hydra's output dir unless a caller sets it)."""
+    return Path(cfg.paths.run_dir).resolve()
 
 
 def job_overrides() -> list[str]:
@@ -395,7 +395,7 @@ def resolve_train_run(cfg: DictConfig) -> TrainRun:
     """The checkpoint to defend: ``ckpt_path`` (its training config must agree), else the newest matching run."""
     ours = training_config(cfg)
     if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path).expanduser()
+        path = Path(cfg.ckpt_path).expanduser().resolve()
         if path.is_dir():
             raise IsADirectoryError(f"ckpt_path={path} is a directory; give the model file (e.g. {path / MODEL_FILE})")
         if not path.is_file():
@@ -414,7 +414,7 @@ def resolve_train_run(cfg: DictConfig) -> TrainRun:
         if trainer_diff:
             log.warning("The checkpoint's training settings differ (recorded as such): %s", "; ".join(trainer_diff))
         return run
-    search_root = Path(cfg.paths.output_dir)
+    search_root = Path(cfg.paths.output_dir).resolve()
     runs = matching_train_runs(search_root, train_key(ours))
     if not runs:
         raise FileNotFoundError(
@@ -439,7 +439,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         run = None
         if cfg.get("reuse", True) and not cfg.get("ckpt_path"):
-            found = matching_train_runs(Path(cfg.paths.output_dir), train_key(training_config(cfg)))
+            found = matching_train_runs(Path(cfg.paths.output_dir).resolve(), train_key(training_config(cfg)))
             if found:
                 run = found[0]
                 log.info("Reusing the identical finished training run %s", run.run_dir)
@@ -476,19 +476,23 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
 
 
 def objective(cfg: DictConfig, train_metrics: dict[str, Any], results: dict[str, Any]) -> float:
-    """What a sweeper minimises: the ASR after ``objective.defense``, plus the shortfall below a clean floor.
+    """What the job returns to a sweeper: the test ASR that survives ``objective.defense``, less any clean
+    accuracy below ``objective.clean_floor`` (an attacker maximises it: a backdoor that survives the defense
+    in a model still worth deploying).
 
-    With no defense run it is the trained model's clean error (1 - clean accuracy).
+    There is no defender's objective on purpose: tuning a defense on test ASR would read the test split and
+    assume the defender knows the trigger. With no defense run, the trained model's own ASR is used.
     """
     spec = cfg.get("objective") or {}
-    if not results:
-        return 1.0 - float(train_metrics.get("clean_acc", 0.0))
-    name = spec.get("defense") or list(results)[-1]
-    if name not in results:
-        raise ValueError(f"objective.defense={name!r} was not run; defenses run: {list(results)}")
-    after = results[name]["after"]
+    if results:
+        name = spec.get("defense") or list(results)[-1]
+        if name not in results:
+            raise ValueError(f"objective.defense={name!r} was not run; defenses run: {list(results)}")
+        measured = results[name]["after"]
+    else:
+        measured = train_metrics
     floor = float(spec.get("clean_floor", 0.0))
-    return float(after["asr"]) + max(0.0, floor - float(after["clean_acc"]))
+    return float(measured["asr"]) - max(0.0, floor - float(measured["clean_acc"]))
 
 
 def with_run_dir(cfg: DictConfig, run_dir: Path) -> DictConfig:
