@@ -243,3 +243,175 @@ def test_trigger_channel_ranks_locate_the_channel_a_trigger_drives(tmp_path) -> 
     assert cb.triggered_activation == pytest.approx([0.0, 0.1, 2.0, 3.0])
     assert cb.trigger_channel_ranks(top=1) == [2]  # channel 2 is third in the pruning order
     assert cb.prune_curve[0]["asr"] == 1.0 and cb.prune_curve[3]["asr"] == 0.0
+
+
+# ----------------------------------------------------------------- FinePruner: plain PyTorch, fast curve, bad input
+def _example_code() -> str:
+    """The example lines of FinePruner's docstring, as a user would paste them."""
+    from backdoor_lab.defenses.pruner import FinePruner
+
+    doc = FinePruner.__doc__
+    block = doc[doc.index("::") + 2 : doc.index("Args:")]
+    return "\n".join(line[8:] for line in block.splitlines() if line.strip())
+
+
+def test_the_docstring_example_prunes_and_exports_plain_weights(tmp_path, monkeypatch) -> None:
+    from backdoor_lab.models.traffic_cnn import TrafficSignCNN
+
+    torch.manual_seed(0)
+    model = TrafficSignCNN(4, channels=(4, 4, 4, 4, 16), hidden=16).eval()
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    clean_loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    triggered_loader = DataLoader(TensorDataset(x + 1.0, torch.zeros(64, dtype=torch.long)), batch_size=16)
+    code = _example_code()
+    assert len(code.splitlines()) == 6
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": model, "clean_loader": clean_loader, "triggered_loader": triggered_loader, "torch": torch}
+    exec(code, scope)  # noqa: S102 - the documented example, verbatim
+    pruner = scope["pruner"]
+    assert pruner.split is not None, "the built-in network must take the cached path"
+    assert [p["pruned"] for p in pruner.prune_curve][:3] == [0, 1, 2]
+    passed = [p["pruned"] for p in pruner.prune_curve if p["clean_acc"] >= 1.0 - 0.04]
+    assert len(pruner.pruned_channels) == max(passed) > 0
+    state = torch.load(tmp_path / "defended.pt", weights_only=True)
+    fresh = TrafficSignCNN(4, channels=(4, 4, 4, 4, 16), hidden=16).eval()
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.conv5.weight[pruner.pruned_channels].abs().max() == 0
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+class Residual(nn.Module):
+    """conv -> [conv_a -> BN -> ReLU -> conv_b] + skip -> ReLU -> pool -> linear: the skip crosses the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_a = nn.Conv2d(8, 12, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(12)
+        self.conv_b = nn.Conv2d(12, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+        with torch.no_grad():
+            self.bn_a.running_mean.uniform_(-0.5, 0.5)
+            self.bn_a.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.stem(x))
+        out = self.conv_b(torch.relu(self.bn_a(self.conv_a(skip))))
+        return self.head(torch.relu(out + skip).mean(dim=(2, 3)))
+
+
+def _built_in(name: str) -> tuple[nn.Module, tuple[int, ...], str, str | None]:
+    from backdoor_lab.models.deepid import DeepID
+    from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
+    from backdoor_lab.models.traffic_cnn import TrafficSignCNN
+
+    return {
+        "signs": (TrafficSignCNN(18), (3, 32, 32), "conv5", None),
+        "speech": (SpectrogramAlexNet(10), (1, 40, 63), "conv5", None),
+        "faces": (DeepID(20), (3, 55, 47), "conv3", "pool3"),
+        "residual": (Residual(), (3, 8, 8), "conv_a", None),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["signs", "speech", "faces", "residual"])
+def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name) -> None:
+    from backdoor_lab.defenses.pruner import FinePruner
+
+    torch.manual_seed(0)
+    model, shape, layer, stat = _built_in(name)
+    model.eval()
+    # Inputs of spread scales and offsets: a fresh network's answers differ between them (plain noise gets one
+    # class for all), so masking channels changes answers and the comparison means something.
+    spread = torch.logspace(-1, 1, 24).view(-1, *[1] * len(shape))
+    x = torch.randn(24, *shape) * spread + torch.linspace(-3, 3, 24).view(-1, *[1] * len(shape))
+    x_trig = x.flip(0) + 0.5
+    with torch.no_grad():  # labels = the network's own answers: the curve starts at 100% and falls
+        clean = DataLoader(TensorDataset(x, model(x).argmax(1)), batch_size=8)
+        triggered = DataLoader(TensorDataset(x_trig, torch.zeros(24, dtype=torch.long)), batch_size=8)
+    fast = FinePruner(model, layer, activation_layer=stat, step=1, full_curve=True)
+    fast.rank(clean, triggered)
+    assert fast.split is not None, "the built-in network must take the cached path"
+    fast_curve = fast.measure_curve()
+    assert [p["pruned"] for p in fast_curve] == list(range(fast.num_channels))  # every count but all
+    # The whole network re-run at every count (every 8th for the 256-channel signs net, to keep the suite fast).
+    full = FinePruner(model, layer, activation_layer=stat, step=1 if fast.num_channels <= 64 else 8, fast=False)
+    full.full_curve = True
+    full.rank(clean, triggered)
+    full_curve = full.measure_curve()
+    by_count = {p["pruned"]: p for p in fast_curve}
+    assert full_curve == [by_count[p["pruned"]] for p in full_curve]
+    assert full.channel_activation == fast.channel_activation
+    accuracies = {p["clean_acc"] for p in fast_curve}
+    assert max(accuracies) == 1.0 and min(accuracies) < 0.9  # the masks did change the answers
+
+
+def test_residual_cut_carries_the_skip_and_the_masked_batchnorm() -> None:
+    from backdoor_lab.defenses.pruner import split_network
+
+    split = split_network(Residual(), "conv_a", ["bn_a"])
+    assert split.cut_name == "relu_1" or "relu" in split.cut_name  # moved past bn_a and its ReLU
+    assert len(split.head.graph.find_nodes(op="output")[0].args[0]) == 2  # the cut and the skip
+
+
+class DataDependent(KnownNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # torch.fx cannot trace a branch on data
+            return self.head(x.mean(dim=(2, 3)).repeat(1, 4))
+        return super().forward(x)
+
+
+def test_untraceable_network_falls_back_to_full_re_evaluation_with_one_warning() -> None:
+    from backdoor_lab.defenses.pruner import FinePruner
+
+    pruner = FinePruner(DataDependent(), "features.0", step=1)
+    with pytest.warns(RuntimeWarning, match="re-evaluates the whole network") as record:
+        pruner.run(DataLoader(known_data(), batch_size=16))
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    assert pruner.split is None and pruner.pruned_channels == [0, 1]
+    assert [p["clean_acc"] for p in pruner.prune_curve] == pytest.approx([1.0, 1.0, 1.0, 0.5])
+
+
+class UnusedConv(KnownNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Conv2d(1, 4, 1)  # registered, never called
+
+
+class DictOut(KnownNet):
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": super().forward(x)}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bad_input_fails_clearly_before_any_pruning(fast) -> None:
+    from backdoor_lab.defenses.pruner import FinePruner
+
+    loader = DataLoader(known_data(), batch_size=16)
+    cases = [
+        (UnusedConv(), "spare", loader, "'spare' is not reached by UnusedConv.forward"),
+        (DictOut(), "features.0", loader, r"must return logits of shape \(batch=16, classes\); it returned dict"),
+        (KnownNet(), "features.0", DataLoader(TensorDataset(torch.zeros(0, 1, 2, 2)), batch_size=4), "no batches"),
+    ]
+    for model, layer, data, match in cases:
+        pruner = FinePruner(model, layer, fast=fast)
+        with pytest.raises(ValueError, match=match):
+            pruner.rank(data)
+        conv = dict(model.named_modules())[layer]
+        assert not hasattr(conv, "weight_mask") or bool(conv.weight_mask.all()), "nothing may be pruned"
+
+
+def test_dict_batches_name_the_accepted_keys_and_batch_to_xy(tmp_path) -> None:
+    from backdoor_lab.defenses.pruner import FinePruner
+
+    batches = [{"pixels": x, "cls": y} for x, y in known_data()]
+    loader = DataLoader(batches, batch_size=16)
+    with pytest.raises(ValueError, match=r"keys \['cls', 'pixels'\].*'inputs'.*'targets'.*batch_to_xy="):
+        FinePruner(KnownNet(), "features.0").rank(loader)
+    cb = FinePruningCallback(step=1, clean_dataloader=loader)
+    with pytest.raises(ValueError, match="batch_to_xy="):
+        _trainer(tmp_path, cb).fit(PlainModule())
+    pruner = FinePruner(KnownNet(), "features.0", step=1, batch_to_xy=lambda b: (b["pixels"], b["cls"], None))
+    assert pruner.run(loader) == [0, 1]
