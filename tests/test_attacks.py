@@ -1,10 +1,15 @@
+import hashlib
+
 import numpy as np
 import pytest
 
+from backdoor_lab.attacks.accessory import SunglassesTrigger
 from backdoor_lab.attacks.base import AllToAll, AllToOne
+from backdoor_lab.attacks.noise import NoiseTrigger
 from backdoor_lab.attacks.poisoning import choose_poisoned, poison_train, triggered_split
 from backdoor_lab.attacks.sticker import StickerTrigger
 from backdoor_lab.data.base import RawSplit
+from backdoor_lab.data.faces.crop import ALIGNED_EYE_BAND, FACE_HEIGHT, FACE_WIDTH
 
 
 def _split(n: int = 100, classes: int = 5, size: int = 32) -> RawSplit:
@@ -134,6 +139,12 @@ def test_all_to_all_maps_every_class_to_the_next() -> None:
     np.testing.assert_array_equal(mapping.target(np.arange(10)), (np.arange(10) + 1) % 10)
     with pytest.raises(ValueError, match="itself"):
         AllToAll(shift=10).bind([str(i) for i in range(10)])
+    built = AllToAll(num_classes=4, shift=3)  # bound at construction: usable without the data's class names
+    np.testing.assert_array_equal(built.target(np.arange(4)), [3, 0, 1, 2])
+    eligible = built.eligible(np.arange(4))
+    assert eligible.dtype == bool and eligible.all()  # every class is a source in all-to-all
+    with pytest.raises(ValueError, match="built for 4 classes but the data has 5"):
+        built.bind([str(i) for i in range(5)])
 
 
 def test_class_names_resolve_and_unknown_names_list_valid_ones() -> None:
@@ -143,3 +154,105 @@ def test_class_names_resolve_and_unknown_names_list_valid_ones() -> None:
         AllToOne("nope").bind(["stop", "yield"])
     with pytest.raises(ValueError, match="also a source"):
         AllToOne(1, [1])
+
+
+# --- the face and speech triggers ------------------------------------------------------------------------
+
+BAND = np.array(ALIGNED_EYE_BAND, dtype=np.float32)
+
+
+def _sha(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def test_default_triggers_are_pinned() -> None:
+    """The default sunglasses and noise burst are part of every recorded result: a change must be deliberate.
+
+    If this fails after an intended change of a trigger, re-run the affected results (docs/results) and update
+    the digests.
+    """
+    face = np.full((FACE_HEIGHT, FACE_WIDTH, 3), 200, dtype=np.uint8)
+    glasses = SunglassesTrigger().apply(face, BAND)
+    assert _sha(glasses) == "67f51f0d1f1058a7390c6e969b242409a7ae373583e07da4c53388e9993d669d"
+    noise = NoiseTrigger()
+    assert noise.window(16000) == slice(0, 1600)  # 0.1 s at the start of a 16 kHz clip
+    assert 0.099 < np.abs(noise.pattern).max() <= 0.1
+    assert _sha(noise.pattern) == "b4bb38f96664ee17c0e97c33cf191bb9af2c21bccaf81ec50e1822755399d1a1"
+
+
+def test_sunglasses_cover_the_scaled_band_and_the_arms_reach_beyond_it() -> None:
+    x0, y0, x1, y1 = BAND
+    _, full = SunglassesTrigger().sprite(FACE_HEIGHT, FACE_WIDTH, BAND)
+    _, no_arms = SunglassesTrigger(arms=False).sprite(FACE_HEIGHT, FACE_WIDTH, BAND)
+    _, half = SunglassesTrigger(scale=0.5, arms=False).sprite(FACE_HEIGHT, FACE_WIDTH, BAND)
+    cols = np.flatnonzero(no_arms.max(axis=0) > 0)
+    rows = np.flatnonzero(no_arms.max(axis=1) > 0)
+    assert x0 - 1 <= cols.min() and cols.max() <= x1 and y0 - 1 <= rows.min() and rows.max() <= y1
+    arm_cols = np.flatnonzero(full.max(axis=0) > 0)
+    assert arm_cols.min() < cols.min() and arm_cols.max() > cols.max()
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 4, (y1 - y0) / 4
+    half_cols, half_rows = np.flatnonzero(half.max(axis=0) > 0), np.flatnonzero(half.max(axis=1) > 0)
+    assert cx - hw - 1 <= half_cols.min() and half_cols.max() <= cx + hw
+    assert cy - hh - 1 <= half_rows.min() and half_rows.max() <= cy + hh
+    assert 0.2 * no_arms.sum() < half.sum() < 0.3 * no_arms.sum()  # a quarter of the area
+
+
+def test_sunglasses_accessory_colour_lands_exactly_and_grey_images_get_its_luminance() -> None:
+    accessory = np.zeros((4, 4, 3), dtype=np.uint8)
+    accessory[:] = (10, 200, 30)
+    face = np.full((FACE_HEIGHT, FACE_WIDTH, 3), 90, dtype=np.uint8)
+    out = SunglassesTrigger(accessory=accessory).apply(face, BAND)
+    x0, y0, x1, y1 = (int(np.ceil(v)) for v in BAND)
+    np.testing.assert_array_equal(
+        out[y0 : y1 - 1, x0 : x1 - 1], np.broadcast_to((10, 200, 30), (y1 - 1 - y0, x1 - 1 - x0, 3))
+    )
+    np.testing.assert_array_equal(out[: int(BAND[1]) - 1], 90)  # above the band: untouched
+    grey = SunglassesTrigger(accessory=accessory).apply(face[..., :1], BAND)
+    assert grey.shape == (FACE_HEIGHT, FACE_WIDTH, 1) and grey.dtype == np.uint8
+    luminance = round(0.299 * 10 + 0.587 * 200 + 0.114 * 30)
+    np.testing.assert_array_equal(grey[y0 : y1 - 1, x0 : x1 - 1], luminance)
+    blended = SunglassesTrigger(accessory=accessory, blend_alpha=0.5).apply(face, BAND)
+    np.testing.assert_array_equal(blended[y0 + 1, x0 + 1], np.rint((np.array([10, 200, 30]) + 90) / 2))
+
+
+def test_sunglasses_settings_and_inputs_are_checked(tmp_path) -> None:
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        SunglassesTrigger(scale=0.0)
+    with pytest.raises(ValueError, match=r"opacity must be in \[0, 1\]"):
+        SunglassesTrigger(opacity=1.5)
+    with pytest.raises(ValueError, match=r"blend_alpha must be in \(0, 1\]"):
+        SunglassesTrigger(blend_alpha=0.0)
+    with pytest.raises(ValueError, match="blend_alpha"):
+        SunglassesTrigger(blend_alpha=1.5)
+    clear = SunglassesTrigger(opacity=0.0, arms=False, lens_colour=(0, 0, 0), frame_colour=(250, 250, 250))
+    face = np.full((FACE_HEIGHT, FACE_WIDTH, 3), 120, dtype=np.uint8)
+    cx, cy = int(BAND[0] + 0.25 * (BAND[2] - BAND[0])), int((BAND[1] + BAND[3]) / 2)
+    assert np.all(clear.apply(face, BAND)[cy, cx] == 120)  # clear lenses let the eye show through
+    with pytest.raises(ValueError, match="eye band"):
+        SunglassesTrigger().apply(face)
+    for bad in (face[..., :2], face[..., 0]):
+        with pytest.raises(ValueError, match=r"expected a uint8 \(H, W, 1\|3\) image"):
+            SunglassesTrigger().apply(bad, BAND)
+    with pytest.raises(ValueError, match="cannot read accessory image"):
+        SunglassesTrigger(accessory=str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match=r"uint8 \(h, w, 3\|4\)"):
+        SunglassesTrigger(accessory=np.zeros((4, 4, 3), dtype=np.float32))
+
+
+def test_noise_trigger_settings_are_checked() -> None:
+    for kwargs, message in [
+        ({"amplitude": 0.0}, "amplitude must be positive"),
+        ({"duration_s": 0.0}, "duration_s must be positive"),
+        ({"position_unit": "ms"}, "position_unit must be one of"),
+        ({"position": -0.1}, "outside the clip"),
+        ({"position": 1.0, "position_unit": "fraction"}, "outside the clip"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            NoiseTrigger(**kwargs)
+    late = NoiseTrigger(position=0.5, position_unit="fraction", duration_s=0.5, sample_rate=8000)
+    assert late.window(8000) == slice(4000, 8000) and len(late.pattern) == 4000
+    assert late.window(6000) == slice(3000, 6000)  # cut at the end of a shorter clip
+    with pytest.raises(ValueError, match="1-D waveform"):
+        late.apply(np.zeros((2, 8000), dtype=np.float32))
+    loud = NoiseTrigger(amplitude=2.0).apply(np.full(16000, 0.5, dtype=np.float32))
+    assert loud.dtype == np.float32 and loud.max() == 1.0 and loud.min() == -1.0  # clipped to full scale
