@@ -95,18 +95,6 @@ def test_launcher_and_sweeper_configs_compose() -> None:
     assert search.objective.clean_floor == 0.9 and list(search.defenses) == ["fine_pruning"]
 
 
-def test_a_joblib_sweep_runs_two_jobs_in_parallel(tmp_path: Path) -> None:
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    done = run_script(
-        "train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "debug=tiny", "seed=0,1", cwd=tmp_path
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    jobs = jobs_of(multirun_dir(tmp_path, "train"))
-    assert len(jobs) == 2
-    seeds = sorted(json.loads((job / "metrics.json").read_text())["seed"] for job in jobs)
-    assert seeds == [0, 1] and all(json.loads((j / "job.json").read_text())["status"] == "done" for j in jobs)
-
-
 @pytest.mark.slow
 def test_attack_search_runs_trials_and_returns_the_objective(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
