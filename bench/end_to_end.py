@@ -38,7 +38,7 @@ def main() -> None:
         t_train = run("train.py", args, env)
         t_defend = run("defend.py", args, env)
     trained = json.loads(next(Path(outputs, "train").glob("*/*/metrics.json")).read_text())
-    defended = json.loads(next(Path(outputs, "defend").glob("*/*/metrics.json")).read_text())
+    defended = json.loads(next(Path(outputs, "defend").glob("*/*/defense/fine_pruning/metrics.json")).read_text())
     cpu = platform.processor() or platform.machine()
     row = (
         f"| {date.today()} | {experiment} {' '.join(extra)} | {os.cpu_count()} cores {cpu} | {t_train:.0f} s | "
