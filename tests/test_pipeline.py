@@ -352,3 +352,28 @@ def test_pruning_aware_attack_records_its_stages_and_its_decoys_are_pruned_first
     alive = [order.index(c) for c in range(60) if activation[c] > 0]
     assert max(order.index(c) for c in decoys) < min(alive)
     assert defended["attack_variant"] == "pruning_aware" and defended["decoy_channels"] == decoys
+
+
+# ----------------------------------------------------------------------------- dashboards
+def test_each_stage_is_a_linked_wandb_run_with_its_config_and_curve(tmp_path: Path) -> None:
+    from backdoor_lab.reporting.wandb_offline import read_offline_run
+
+    cfg = compose_run("train", tmp_path, "w", [*TINY_SIGNS, "logger=many", "defenses=[fine_pruning]", "prune.step=64"])
+    train(cfg)
+    job = Path(cfg.paths.run_dir)
+    (train_dir,) = (job / "wandb").glob("offline-run-*")
+    (defense_dir,) = (job / "defense" / "fine_pruning" / "wandb").glob("offline-run-*")
+    trained, defended = read_offline_run(train_dir), read_offline_run(defense_dir)
+    assert trained.job_type == "train" and defended.job_type == "defend"
+    assert trained.name != defended.name and defended.name.endswith("fine_pruning")
+    assert trained.config["seed"] == 0 and trained.config["attack"]["poison_rate"] == 1.0
+    assert defended.config["defense"]["name"] == "fine_pruning"
+    assert defended.config["defense"]["prune"]["max_accuracy_drop"] == 0.04
+    assert defended.config["train_wandb_run_id"] == trained.run_id
+    assert read_json(job / "metrics.json")["wandb_run_id"] == trained.run_id
+    result = read_json(job / "defense" / "fine_pruning" / "metrics.json")
+    assert defended.summary["test/before/asr"] == result["before"]["asr"]
+    assert defended.summary["test/after/clean_acc"] == result["after"]["clean_acc"]
+    table = defended.table("prune_curve/table")
+    assert [row[0] for row in table["data"]] == [p["pruned"] for p in result["prune_curve"]]
+    assert (job / "csv" / "hparams.yaml").read_text().count("poison_rate") >= 1
