@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from backdoor_lab import config_checks
 from backdoor_lab.checkpoints import load_weights
 from backdoor_lab.data.module import BackdoorDataModule
 from backdoor_lab.defenses.base import Defense, DefenseContext
@@ -54,15 +55,18 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
-    """Log a failure, always close the W&B run (multirun jobs must not share one), and re-raise."""
+    """Report a user error in one line (Hydra prints it once, no traceback; a bug keeps its traceback, printed
+    once by Hydra), and always close the W&B run (multirun jobs must not share one)."""
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig) -> dict:
         try:
             return fn(cfg)
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise
+        except Exception as err:
+            report = config_checks.as_user_error(err, fn.__name__)
+            if report is None:
+                raise
+            raise report from err
         finally:
             try:
                 import wandb
@@ -430,6 +434,7 @@ def resolve_train_run(cfg: DictConfig) -> TrainRun:
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, Any]:
     """train.py: train (or reuse an identical finished run) and apply ``defenses`` to the model."""
+    config_checks.check(cfg)
     job_dir = output_dir(cfg)
     refuse_used_run_dir(job_dir)
     names = defense_names(cfg)
@@ -457,6 +462,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @task_wrapper
 def defend(cfg: DictConfig) -> dict[str, Any]:
     """defend.py: apply ``defenses`` to a checkpoint (``ckpt_path``, or the newest matching training run)."""
+    config_checks.check(cfg)
     job_dir = output_dir(cfg)
     refuse_used_run_dir(job_dir)
     names = defense_names(cfg)

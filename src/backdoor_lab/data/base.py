@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,10 +24,14 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from backdoor_lab.reporting.files import atomic_path
 from backdoor_lab.splits import SPLITS as SPLITS  # re-exported: the split names
 from backdoor_lab.splits import RawSplit as RawSplit  # re-exported for callers of the old home
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CACHE_DIR = "~/.cache/backdoor_lab"
+CHECKSUM_KEY = "__sha256__"  # the cache file's checksum of its other arrays
 
 
 @runtime_checkable
@@ -119,26 +125,59 @@ def cached_splits(
 ) -> dict[str, RawSplit]:
     """Load splits from ``<cache_dir>/<stem>-<digest>.npz`` or build and store them atomically.
 
-    The digest covers every generator parameter, so a changed setting never reads a stale cache, and the
-    write goes through a temporary file so an interrupted render leaves nothing half-written behind.
+    The digest covers every generator parameter, so a changed setting never reads a stale cache. The file holds
+    a SHA-256 of its arrays: a damaged, truncated or foreign file is named in one warning and rebuilt. It is
+    written to a temporary file and renamed, so a reader (another run at the same time) never sees half a file;
+    a cache folder that cannot be written (read-only, full disk) costs a warning, not the run.
     """
     cache_dir = Path(cache_dir).expanduser()
     path = cache_dir / f"{stem}-{config_digest(params)}.npz"
     if path.exists():
-        with np.load(path, allow_pickle=False) as blob:
-            return _unpack(blob)
+        arrays = read_cache_file(path)
+        if arrays is not None:
+            return _unpack(arrays)
     splits = build()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **_pack(splits))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_cache_file(path, _pack(splits))
     return splits
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every array's name, dtype, shape and bytes (the cache file's checksum)."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(memoryview(value).cast("B"))
+    return digest.hexdigest()
+
+
+def read_cache_file(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file whose checksum holds; None (after one warning naming it) for any other file."""
+    try:
+        with np.load(path, allow_pickle=False) as blob:
+            arrays = {key: blob[key] for key in blob.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        reason = f"unreadable: {type(err).__name__}: {err}"
+    else:
+        stored = arrays.pop(CHECKSUM_KEY, None)
+        if stored is None:
+            reason = "it holds no checksum (an older or foreign file)"
+        elif str(stored) != arrays_digest(arrays):
+            reason = "its checksum does not match its content"
+        else:
+            return arrays
+    log.warning("Data cache %s is damaged (%s): rebuilding it", path, reason)
+    return None
+
+
+def write_cache_file(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write the arrays and their checksum atomically (with the user's umask); warn if the folder refuses."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, overwrite=True) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays, **{CHECKSUM_KEY: np.array(arrays_digest(arrays))})
+    except OSError as err:
+        log.warning("Cannot write the data cache %s (%s): this run uses the data from memory", path, err)
 
 
 def _pack(splits: dict[str, RawSplit]) -> dict[str, np.ndarray]:
@@ -151,11 +190,11 @@ def _pack(splits: dict[str, RawSplit]) -> dict[str, np.ndarray]:
     return out
 
 
-def _unpack(blob: np.lib.npyio.NpzFile) -> dict[str, RawSplit]:
+def _unpack(arrays: dict[str, np.ndarray]) -> dict[str, RawSplit]:
     splits: dict[str, dict[str, np.ndarray]] = {}
-    for key in blob.files:
+    for key, value in arrays.items():
         split, field = key.split("/")
-        splits.setdefault(split, {})[field] = blob[key]
+        splits.setdefault(split, {})[field] = value
     return {split: RawSplit(**fields) for split, fields in splits.items()}
 
 

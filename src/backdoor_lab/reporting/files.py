@@ -2,7 +2,8 @@
 
 A reader (a summary run by a Hydra callback while other jobs write, or a person) never sees half a file. Run
 results are written once and never overwritten (``write_new``); a sweep's own summary is rewritten as jobs end
-(``write_replace``).
+(``write_replace``). Files get the mode a plain ``open`` would give them (0644 under the usual umask 022), not
+``mkstemp``'s private 0600, so colleagues sharing a results folder or a data cache can read them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def atomic_path(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, umask_mode())
     try:
         yield tmp
         if not overwrite and path.exists():
@@ -35,6 +37,24 @@ def atomic_path(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process's umask: what ``open(path, "w")`` would create (0644 under umask 022)."""
+    return mode & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` alone must set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it, and put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_new(path: str | Path, text: str) -> Path:

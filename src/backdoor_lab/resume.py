@@ -1,0 +1,80 @@
+"""Exact resume: the random number generators' states travel with every checkpoint.
+
+Lightning's checkpoints restore the weights, the optimizer, the LR scheduler and the loop counters, but not the
+global torch / numpy / python generators. The training DataLoader draws each epoch's shuffle order from the
+global torch generator (and dropout draws from it every step), so a run resumed from ``last.ckpt`` would shuffle
+differently from the run it continues and end on other numbers. ``RngStateCheckpoint`` stores the states when a
+checkpoint is written and puts them back when a fit resumes from it, before the next epoch draws anything: the
+resumed run then makes exactly the draws the uninterrupted run made, and every existing number stays as it was
+(nothing changes for a run that is not resumed).
+
+States are kept as tensors, ints and tuples only, so the checkpoint still loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+_NUMPY_STATE_FIELDS = ("keys", "pos", "has_gauss", "cached_gaussian")
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """The torch (CPU and every CUDA device), numpy and python generator states, in pickle-free types."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`collect_rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "torch.cuda" in states and torch.cuda.is_available():
+        cuda_states = states["torch.cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+class RngStateCheckpoint(Callback):
+    """Saves the generators' states in every checkpoint and restores them when a fit resumes from one."""
+
+    @property
+    def state_key(self) -> str:
+        return "RngStateCheckpoint"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            restore_rng_states(states)
