@@ -212,7 +212,8 @@ def test_defenses_change_exactly_what_they_should(experiment: str, jobs: dict[st
     assert results["none"]["after"] == results["none"]["before"]
     # Fine-tuning trains on the defender's clean split only: one epoch is ceil(val / batch) steps.
     for name in ("fine_tuning", "fine_pruning"):
-        assert results[name]["fine_tune"] == {"epochs": 1, "steps": steps_per_epoch}, name
+        expected = {"epochs": 1, "steps": steps_per_epoch, "fit_on": "defender_clean", "samples": n_val}
+        assert results[name]["fine_tune"] == expected, name
     assert not torch.equal(defended["fine_tuning"]["net.conv1.weight"], trained["net.conv1.weight"])
     # Pruning alone: pruned channels zero, every other weight exactly as trained.
     pruned = results["pruning"]["pruned_channels"]

@@ -138,7 +138,10 @@ class FinePruningCallback(Callback):
             self._apply_mask(pl_module)
             log.info("FinePruning: resumed with %d channels of %s pruned", len(self.pruned_channels), self.layer_name)
             return
-        self.prune(trainer, pl_module)
+        # The prune passes iterate data loaders, which draw seeds from torch's global generator; fork it, so
+        # the fine-tuning that follows shuffles the same whether the curve had 8 points or 256.
+        with torch.random.fork_rng(devices=[]):
+            self.prune(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Save plain weights (masked channels zero): any copy of the model loads them, pruned or not.

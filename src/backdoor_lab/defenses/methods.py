@@ -16,6 +16,8 @@ from backdoor_lab.defenses.pruning import resolve_layer
 
 log = logging.getLogger(__name__)
 
+NO_FINE_TUNING = {"epochs": 0, "steps": 0, "fit_on": None, "samples": 0}
+
 
 def fine_tune(context: DefenseContext, budget: FineTuneBudget, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``context.model`` on the defender's clean split with ``budget``'s optimizer, schedule and epochs."""
@@ -25,7 +27,15 @@ def fine_tune(context: DefenseContext, budget: FineTuneBudget, callbacks: list |
     log.info("Fine-tuning for %d epochs (fine_tune.epochs) on the defender's clean split", budget.epochs)
     trainer = context.make_trainer(list(callbacks or []), budget.epochs)
     trainer.fit(model, datamodule=context.datamodule, weights_only=True)
-    return {"epochs": budget.epochs, "steps": int(trainer.global_step)}
+    # What the fit really read, for the record (and for tests): the defender's clean split and its size.
+    loader = trainer.train_dataloader
+    seen = len(loader.dataset) if loader is not None and hasattr(loader, "dataset") else 0
+    return {
+        "epochs": budget.epochs,
+        "steps": int(trainer.global_step),
+        "fit_on": context.datamodule.fit_on,
+        "samples": seen,
+    }
 
 
 def pruning_record(callback: Any, model: L.LightningModule) -> dict[str, Any]:
@@ -49,7 +59,7 @@ class NoDefense(Defense):
     name = "none"
 
     def apply(self, context: DefenseContext) -> dict[str, Any]:
-        return {"pruned_channels": [], "pruned_fraction": 0.0, "fine_tune": {"epochs": 0, "steps": 0}}
+        return {"pruned_channels": [], "pruned_fraction": 0.0, "fine_tune": NO_FINE_TUNING}
 
 
 class FineTuning(Defense):
@@ -84,7 +94,7 @@ class Pruning(Defense):
         self._callback = self.settings.callback(context.model)
         # A fit of zero epochs runs the callback's pruning (at fit start) and nothing else.
         context.make_trainer([self._callback], 0).fit(context.model, datamodule=context.datamodule, weights_only=True)
-        return {**pruning_record(self._callback, context.model), "fine_tune": {"epochs": 0, "steps": 0}}
+        return {**pruning_record(self._callback, context.model), "fine_tune": NO_FINE_TUNING}
 
     def export(self, model: L.LightningModule) -> None:
         if self._callback is not None:
