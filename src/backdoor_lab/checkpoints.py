@@ -107,9 +107,10 @@ def _read_torch(path: Path, head: bytes) -> dict[str, Tensor]:
             f"interrupted write or copy leaves it; copy it again or use another checkpoint"
         )
     try:
-        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: the error below says more
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+        # A file object, not the path: torch would pick its loader by the file name, not the content.
+        with warnings.catch_warnings(), path.open("rb") as fh:
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the error below says more
+            blob = torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         wanted = refused_global(str(err))
         if wanted is not None:

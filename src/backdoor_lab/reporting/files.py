@@ -32,11 +32,25 @@ def atomic_path(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     os.chmod(tmp, umask_mode())
     try:
         yield tmp
-        if not overwrite and path.exists():
-            raise FileExistsError(f"{path} exists already; results are never overwritten")
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            publish_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def publish_new(tmp: Path, path: Path) -> None:
+    """Give the finished ``tmp`` the name ``path`` only if no file has it: a hard link is created or refused in
+    one step, so of two runs racing for the same result file one wins and the other is told (no overwrite)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists already; results are never overwritten") from None
+    except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
+        if path.exists():
+            raise FileExistsError(f"{path} exists already; results are never overwritten") from None
+        os.replace(tmp, path)
 
 
 def umask_mode(mode: int = 0o666) -> int:
