@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from backdoor_lab.pipeline import defend, train
+from backdoor_lab.pipeline import train
 
-from .test_pipeline import _compose
+from .test_pipeline import compose_run
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +20,9 @@ QUIET = ["callbacks.progress_bar=null"]
 
 
 def _train_and_defend(tmp_path: Path, experiment: str) -> tuple[dict, dict]:
-    overrides = [f"experiment={experiment}", *QUIET]
-    trained = train(_compose("train", tmp_path, "t", overrides))
-    defended = defend(_compose("defend", tmp_path, "d", overrides))
-    return trained, defended
+    """One train.py job with the defaults: train, then fine-prune (stop rule, 20 epochs of fine-tuning)."""
+    result = train(compose_run("train", tmp_path, "t", [f"experiment={experiment}", "defenses=[fine_pruning]", *QUIET]))
+    return result["train"], result["defenses"]["fine_pruning"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,9 @@ def test_signs_fine_pruning_claim(signs: tuple[dict, dict]) -> None:
 
 def test_speech_backdoored_model_reaches_the_targets(speech: tuple[dict, dict]) -> None:
     trained, _ = speech
-    assert trained["data"]["test_triggered"] == trained["data"]["test"]  # all-to-all: every utterance counts
+    assert (
+        trained["data_summary"]["test_triggered"] == trained["data_summary"]["test"]
+    )  # all-to-all: every utterance counts
     assert trained["clean_acc"] >= 0.95 and trained["asr"] >= 0.90
 
 
@@ -68,7 +69,7 @@ def test_speech_fine_pruning_claim(speech: tuple[dict, dict]) -> None:
 
 def test_faces_backdoored_model_reaches_the_targets(faces: tuple[dict, dict]) -> None:
     trained, _ = faces
-    assert trained["data"]["classes"] >= 100
+    assert trained["data_summary"]["classes"] >= 100
     assert trained["clean_acc"] >= 0.90 and trained["asr"] >= 0.95
 
 
