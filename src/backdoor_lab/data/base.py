@@ -147,7 +147,7 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     for key in sorted(arrays):
         value = np.ascontiguousarray(arrays[key])
         digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
-        digest.update(memoryview(value).cast("B"))
+        digest.update(value.reshape(-1).view(np.uint8))  # the bytes, without a copy (an empty array too)
     return digest.hexdigest()
 
 
