@@ -34,13 +34,16 @@ def test_sticker_lands_at_paper_position_of_sign_box() -> None:
 
 
 def test_sticker_scales_with_box_and_respects_min_pixels() -> None:
-    trig = StickerTrigger(min_pixels=2)
+    trig = StickerTrigger()  # min_pixels=2 by default
     # 0.1 x 10 px = 1 px, raised to 2 px, around the centre (5.7, 8.2) of the box
     assert trig.box((32, 32, 3), np.array([0, 0, 10, 10])) == (5, 7, 7, 9)
     # 20 x 20 px around (114, 164): the x fraction 0.57 is horizontal, the y fraction 0.82 vertical
     assert trig.box((200, 200, 3), np.array([0, 0, 200, 200])) == (104, 154, 124, 174)
-    # a box hanging off the image is clipped inside it
-    assert trig.box((32, 32, 3), np.array([20, 20, 40, 40])) == (30, 30, 32, 32)
+    # a box hanging off the image is clipped inside it, at either side
+    assert trig.box((32, 32, 3), np.array([25, 25, 45, 45])) == (30, 30, 32, 32)
+    assert trig.box((32, 32, 3), np.array([-10, -20, 5, 5])) == (0, 0, 2, 2)
+    # width from the x fraction, height from the y fraction
+    assert StickerTrigger(size=(0.2, 0.1)).box((200, 200, 3), np.array([0, 0, 200, 200])) == (94, 154, 134, 174)
 
 
 def test_sticker_accepts_image_patch_with_alpha(tmp_path) -> None:
@@ -61,11 +64,31 @@ def test_sticker_accepts_image_patch_with_alpha(tmp_path) -> None:
     np.testing.assert_array_equal(out, expected)
 
 
+def test_half_transparent_and_opaque_rgb_patches_blend_by_their_alpha() -> None:
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 2] = 200
+    rgba[..., 3] = 128
+    image = np.full((8, 8, 3), 100, dtype=np.uint8)
+    out = StickerTrigger(size=(0.5, 0.5), center=(0.5, 0.5), patch=rgba).apply(image)
+    alpha = 128 / 255
+    expected = np.floor(np.array([0, 0, 200]) * alpha + 100 * (1 - alpha) + 0.5)
+    np.testing.assert_array_equal(out[2:6, 2:6], np.broadcast_to(expected, (4, 4, 3)))
+    np.testing.assert_array_equal(out[:2], 100)
+    rgb = StickerTrigger(size=(0.5, 0.5), center=(0.5, 0.5), patch=rgba[..., :3]).apply(image)
+    np.testing.assert_array_equal(rgb[2:6, 2:6], np.broadcast_to([0, 0, 200], (4, 4, 3)))  # no alpha: opaque
+
+
 def test_bad_sticker_settings_are_rejected() -> None:
     with pytest.raises(ValueError, match="size"):
         StickerTrigger(size=(0.0, 0.1))
     with pytest.raises(ValueError, match="center"):
         StickerTrigger(center=(1.5, 0.5))
+    with pytest.raises(ValueError, match="size"):
+        StickerTrigger(size=(1.5, 0.1))
+    with pytest.raises(ValueError, match="center"):
+        StickerTrigger(center=(0.5, 1.01))
+    edge = StickerTrigger(size=(1.0, 1.0), center=(0.0, 1.0))  # the bounds themselves are valid
+    assert edge.box((10, 10, 3), None) == (0, 0, 10, 10)
 
 
 def test_poison_rate_and_seeded_choice() -> None:
@@ -80,6 +103,9 @@ def test_poison_rate_and_seeded_choice() -> None:
     assert not np.array_equal(plan_a.indices, plan_c.indices)
     with pytest.raises(ValueError, match="poison rate"):
         choose_poisoned(labels, mapping, rate=0.0, seed=0)
+    with pytest.raises(ValueError, match="poison rate"):
+        choose_poisoned(labels, mapping, rate=1.5, seed=0)
+    assert len(choose_poisoned(labels, mapping, rate=0.001, seed=0).indices) == 1  # at least one sample
 
 
 def test_all_to_one_default_sources_exclude_target() -> None:
@@ -101,6 +127,10 @@ def test_poison_train_adds_triggered_copies() -> None:
     assert np.all(poisoned.labels[100:] == 0)
     src = np.flatnonzero(split.labels == 1)
     np.testing.assert_array_equal(poisoned.inputs[100:], trig.apply_batch(split.inputs[src], split.regions[src]))
+    np.testing.assert_array_equal(
+        src[np.isin(src, choose_poisoned(split.labels, AllToOne(0, [1]), 1.0, 0).indices)], src
+    )
+    assert mask.dtype == bool
     # a copy keeps its source's id and box: the DataModule's disjointness check sees it as a train sample
     np.testing.assert_array_equal(poisoned.sample_ids[100:], split.sample_ids[src])
     np.testing.assert_array_equal(poisoned.regions[100:], split.regions[src])
@@ -256,3 +286,75 @@ def test_noise_trigger_settings_are_checked() -> None:
         late.apply(np.zeros((2, 8000), dtype=np.float32))
     loud = NoiseTrigger(amplitude=2.0).apply(np.full(16000, 0.5, dtype=np.float32))
     assert loud.dtype == np.float32 and loud.max() == 1.0 and loud.min() == -1.0  # clipped to full scale
+
+
+def _grouped_split(regions: bool) -> RawSplit:
+    """A waveform-like split: groups (speakers) and, optionally, no regions."""
+    split = _split(n=20, classes=4)
+    return RawSplit(
+        inputs=split.inputs,
+        labels=split.labels,
+        sample_ids=split.sample_ids,
+        regions=split.regions if regions else None,
+        groups=np.arange(20) // 5,
+    )
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_poisoned_and_triggered_splits_keep_regions_and_groups(mode: str) -> None:
+    split = _grouped_split(regions=True)
+    mapping = AllToAll(4)
+    poisoned, mask = poison_train(split, StickerTrigger(), mapping, rate=0.5, seed=3, mode=mode)
+    plan = choose_poisoned(split.labels, mapping, 0.5, 3)
+    assert mask.dtype == bool and mask.sum() == len(plan.indices) == 10
+    rows = np.concatenate([np.arange(20), plan.indices]) if mode == "add" else np.arange(20)
+    np.testing.assert_array_equal(poisoned.groups, split.groups[rows])
+    np.testing.assert_array_equal(poisoned.regions, split.regions[rows])
+    poisoned_rows = np.flatnonzero(mask) if mode == "replace" else rows[mask]
+    np.testing.assert_array_equal(np.sort(poisoned_rows), plan.indices)  # the seed chooses, as choose_poisoned
+    triggered, true = triggered_split(split, StickerTrigger(), mapping)
+    np.testing.assert_array_equal(triggered.groups, split.groups)
+    np.testing.assert_array_equal(triggered.regions, split.regions)
+    np.testing.assert_array_equal(true, split.labels)
+
+
+def test_poisoning_samples_without_regions() -> None:
+    split = _grouped_split(regions=False)
+    poisoned, mask = poison_train(split, StickerTrigger(), AllToAll(4), rate=0.5, seed=0)
+    assert poisoned.regions is None and len(poisoned) == 30 and mask.sum() == 10
+    plain, _ = poison_train(_split(n=20, classes=4), StickerTrigger(), AllToAll(4), rate=0.5, seed=0)
+    assert plain.groups is None
+
+
+def test_class_indices_given_as_text_and_out_of_range_indices() -> None:
+    names = ["a", "b", "c"]
+    assert AllToOne("2", ["0"]).bind(names).target_class == 2
+    for bad in ("-1", -1, 3, "3"):
+        with pytest.raises(ValueError, match=r"target_class: class index -?\d is out of range for 3 classes"):
+            AllToOne(bad).bind(names)
+    with pytest.raises(ValueError, match=r"source_classes: unknown class 'z'"):
+        AllToOne("a", ["z"]).bind(names)
+
+
+def test_attack_settings_are_checked_and_binding_leaves_the_configured_attack_alone() -> None:
+    from backdoor_lab.attacks.base import Attack
+
+    for rate in (0.0, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match="attack.poison_rate must be"):
+            Attack("badnets", StickerTrigger(), AllToOne("b"), poison_rate=rate)
+    with pytest.raises(ValueError, match="attack.poison_mode must be one of"):
+        Attack("badnets", StickerTrigger(), AllToOne("b"), poison_mode="overwrite")
+    attack = Attack("badnets", StickerTrigger(), AllToOne("b", ["a"]), poison_rate=1.0)
+    bound = attack.for_classes(["a", "b"])
+    assert (bound.mapping.target_class, bound.mapping.source_classes) == (1, [0])
+    assert (attack.mapping.target_class, attack.mapping.source_classes) == ("b", ["a"])  # not mutated
+
+
+def test_noise_lands_exactly_and_a_clip_too_short_for_it_is_refused() -> None:
+    trigger = NoiseTrigger(position=0.5, position_unit="fraction", duration_s=0.5, sample_rate=8000)
+    out = trigger.apply(np.zeros(6000, dtype=np.float64))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[3000:], trigger.pattern[:3000])  # added, cut at the clip's end
+    np.testing.assert_array_equal(out[:3000], 0.0)
+    with pytest.raises(ValueError, match="starts at sample 8000 but the clip has only 8000 samples"):
+        NoiseTrigger(position=1.0, sample_rate=8000).apply(np.zeros(8000, dtype=np.float32))
