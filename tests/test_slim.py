@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from backdoor_lab.checkpoints import CheckpointError
-from backdoor_lab.defenses.pruning import masked_modules, set_channel_mask
+from backdoor_lab.defenses.pruning import fold_prune_masks, masked_modules, set_channel_mask
 from backdoor_lab.defenses.slim import SLIM_META, SLIM_WEIGHTS, export_slim, load_slim, slim_model
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.models.deepid import DeepID
@@ -129,6 +129,8 @@ def test_export_and_load_round_trip(name: str, tmp_path: Path) -> None:
     assert meta["params_dense"] == report["params_dense"] == param_count(model)
     assert meta["params_slim"] == report["params_slim"] < report["params_dense"]
     assert report["bytes_slim"] == (tmp_path / SLIM_WEIGHTS).stat().st_size < report["bytes_dense"]
+    save_file(fold_prune_masks(model.state_dict()), str(tmp_path / "dense.safetensors"))  # as the pipeline does
+    assert report["bytes_dense"] == (tmp_path / "dense.safetensors").stat().st_size
     state = load_file(str(tmp_path / SLIM_WEIGHTS))
     assert state[f"net.{layer}.weight"].shape[0] == len(meta["kept_channels"])
     assert not any(k.endswith(("_orig", "_mask")) for k in state)
@@ -240,6 +242,27 @@ def test_channels_coupled_by_a_residual_add_are_refused() -> None:
     net, x = masked_residual("conv_b", [2, 3])
     with pytest.raises(ValueError, match=r"coupled to the outputs of \['stem'\]"):
         slim_model(net, "conv_b", [2, 3], x)
+
+
+class SigmoidNet(nn.Module):
+    """conv -> sigmoid -> linear: a zeroed channel reaches the linear as 0.5, so it cannot be removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.head = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.conv(x)).flatten(1))
+
+
+def test_channels_made_non_zero_after_the_layer_are_refused() -> None:
+    torch.manual_seed(0)
+    net = SigmoidNet().eval()
+    keep = torch.tensor([True, False, True, True, False, True])
+    set_channel_mask([m for _, m in masked_modules(net, "conv")], keep)
+    with pytest.raises(ValueError, match="removing 2 channels of 'conv' changed the logits"):
+        slim_model(net, "conv", [1, 4], torch.randn(2, 3, 6, 6))
 
 
 def test_layer_not_reached_by_forward_is_refused() -> None:

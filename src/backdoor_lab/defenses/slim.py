@@ -83,12 +83,14 @@ def export_slim(
     """Write ``slim.safetensors`` and ``slim.json`` to ``out_dir``; return size and CPU speed, dense vs slim.
 
     Latency is the median of a few forward passes of ``example_input`` (one batch) on the CPU, in
-    milliseconds; bytes are those of the safetensors file of each model's state dict.
+    milliseconds; bytes are those of the safetensors file of each model's state dict. ``model`` may sit on any
+    device and is left unchanged: the work is done on CPU copies.
     """
     name, pruned = _checked_request(model, layer, pruned_channels)
-    slim = slim_model(model, name, pruned, example_input)
-    dense = _plain_copy(model)
-    channels = _conv(model, name).out_channels
+    dense = _plain_copy(model).cpu()
+    example_input = example_input.cpu()
+    slim = slim_model(dense, name, pruned, example_input)
+    channels = _conv(dense, name).out_channels
     out_dir = Path(out_dir)
     weights_path = out_dir / SLIM_WEIGHTS
     slim_state = _plain_state(slim)
@@ -143,14 +145,16 @@ def load_slim(dense_model: nn.Module, path: str | Path) -> nn.Module:
     pruned = [c for c in range(meta["channels"]) if c not in kept]
     _fold_masks(dense_model)
     was_training = dense_model.training
-    example = torch.zeros((1, *meta["input_shape"]), dtype=getattr(torch, meta["input_dtype"]))
+    device = next(dense_model.parameters()).device
+    example = torch.zeros((1, *meta["input_shape"]), dtype=getattr(torch, meta["input_dtype"]), device=device)
     _remove_channels(dense_model, name, pruned, example)
     load_weights(dense_model, weights_path)
     return dense_model.train(was_training)
 
 
 def cpu_latency_ms(model: nn.Module, batch: Tensor) -> float:
-    """Median wall time of a forward pass of ``batch`` on the CPU in eval mode, in milliseconds."""
+    """Median wall time of a forward pass of ``batch`` on the CPU, in milliseconds (``model`` is left there, in
+    eval mode)."""
     model = model.cpu().eval()
     batch = batch.cpu()
     times = []
@@ -232,8 +236,9 @@ def _remove_channels(model: nn.Module, name: str, pruned: list[int], example_inp
         return
     conv = _conv(model, name)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    with torch.enable_grad():  # the dependency graph is traced through autograd
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    # Traced through autograd, on one sample: the same trace as ``load_slim``'s, and cheap for a big batch.
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input[:1], verbose=False)
     if conv not in graph.module2node:
         raise ValueError(f"layer {name!r} is not reached by the forward pass of {type(model).__name__}")
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=pruned)
