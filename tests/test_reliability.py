@@ -219,7 +219,7 @@ BAD_SETTINGS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("override, match", BAD_SETTINGS)
+@pytest.mark.parametrize("override, match", BAD_SETTINGS, ids=[override for override, _ in BAD_SETTINGS])
 def test_bad_settings_fail_before_any_work_in_one_line(override: str, match: str, tmp_path: Path) -> None:
     cfg = compose_run("train", tmp_path, "bad", ["debug=tiny", override])
     with pytest.raises(ConfigError, match=match) as raised:
@@ -236,8 +236,8 @@ def test_speech_val_fraction_names_the_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_every_shipped_config_passes_the_checks(experiment: str, tmp_path: Path) -> None:
-    for script in ("train", "defend"):
-        config_checks.check(compose_run(script, tmp_path, "r", [f"experiment={experiment}", "logger=many"]))
+    """No false alarm (defend.py's config differs only in its own top-level keys, checked by every defend test)."""
+    config_checks.check(compose_run("train", tmp_path, "r", [f"experiment={experiment}", "logger=many"]))
 
 
 # ----------------------------------------------------------------------------- one line per user error
