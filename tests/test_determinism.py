@@ -36,18 +36,27 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+_TWINS: dict[Path, tuple[Path, Path]] = {}  # per pytest session: test_resume.py imports the fixture too
+
+
 @pytest.fixture(scope="session", name="twin_runs")
 def twin_runs_fixture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two train.py jobs with the same config and seed (reuse off): train, then fine-pruning."""
-    root = tmp_path_factory.mktemp("twins")
-    folders = []
-    with pytest.MonkeyPatch.context() as patch:  # session scope: conftest's per-test cache is not set up yet
-        patch.setenv("BACKDOOR_LAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        for name in ("first", "second"):
-            cfg = compose_run("train", root, name, TWIN)
-            train(cfg)
-            folders.append(Path(cfg.paths.run_dir))
-    return folders[0], folders[1]
+    """Two train.py jobs with the same config and seed (reuse off): train, then fine-pruning.
+
+    Built once per session even though two modules register the fixture (each registration is its own fixture).
+    """
+    base = tmp_path_factory.getbasetemp()
+    if base not in _TWINS:
+        root = tmp_path_factory.mktemp("twins")
+        folders = []
+        with pytest.MonkeyPatch.context() as patch:  # session scope: conftest's per-test cache is not set up yet
+            patch.setenv("BACKDOOR_LAB_CACHE", str(base / "cache"))
+            for name in ("first", "second"):
+                cfg = compose_run("train", root, name, TWIN)
+                train(cfg)
+                folders.append(Path(cfg.paths.run_dir))
+        _TWINS[base] = (folders[0], folders[1])
+    return _TWINS[base]
 
 
 def test_training_twice_gives_identical_metrics_and_weights(twin_runs: tuple[Path, Path]) -> None:
