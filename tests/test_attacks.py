@@ -237,6 +237,7 @@ def test_sunglasses_accessory_colour_lands_exactly_and_grey_images_get_its_lumin
         out[y0 : y1 - 1, x0 : x1 - 1], np.broadcast_to((10, 200, 30), (y1 - 1 - y0, x1 - 1 - x0, 3))
     )
     np.testing.assert_array_equal(out[: int(BAND[1]) - 1], 90)  # above the band: untouched
+    np.testing.assert_array_equal(out[:, int(BAND[2]) + 1 :], 90)  # right of the band: untouched
     grey = SunglassesTrigger(accessory=accessory).apply(face[..., :1], BAND)
     assert grey.shape == (FACE_HEIGHT, FACE_WIDTH, 1) and grey.dtype == np.uint8
     luminance = round(0.299 * 10 + 0.587 * 200 + 0.114 * 30)
