@@ -488,10 +488,13 @@ def test_cache_and_result_files_get_the_users_umask(umask: int, mode: int, tmp_p
         cached_splits(tmp_path, "toy", {"k": 1}, CountingBuild())
         result = write_new(tmp_path / "metrics.json", "{}\n")
         summary = write_replace(tmp_path / "summary.csv", "a\n")
+        weights = tmp_path / "defended.safetensors"
+        with files.atomic_path(weights, overwrite=False) as tmp:  # a writer that replaces the temp file (0600)
+            save_file({"w": torch.zeros(2)}, str(tmp))
     finally:
         os.umask(old)
     (cache,) = tmp_path.glob("toy-*.npz")
-    for path in (cache, result, summary):
+    for path in (cache, result, summary, weights):
         assert path.stat().st_mode & 0o777 == mode, path
 
 

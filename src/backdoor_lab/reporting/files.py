@@ -29,9 +29,9 @@ def atomic_path(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, umask_mode())
     try:
         yield tmp
+        os.chmod(tmp, umask_mode())  # after the writer: some (safetensors) replace the file with a 0600 one
         if overwrite:
             os.replace(tmp, path)
         else:
