@@ -29,7 +29,8 @@ from hydra.utils import get_object
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from backdoor_lab import CONF_DIR
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 _ABSENT = object()
 # Keys of a ``_target_`` node that Hydra reads itself.

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from backdoor_lab import config_checks
+from backdoor_lab import CONF_DIR, config_checks
 from backdoor_lab.checkpoints import load_weights
 from backdoor_lab.data.module import BackdoorDataModule
 from backdoor_lab.defenses.base import Defense, DefenseContext
@@ -50,8 +50,6 @@ from backdoor_lab.runs import (
 )
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:

@@ -1,0 +1,72 @@
+"""A non-editable ``pip install .`` carries the configs and console scripts, and runs from any folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+
+def test_dependencies_are_ranges_never_pins() -> None:
+    """The callback installs into other projects: an exact torch pin would replace their torch."""
+    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), flags=re.S | re.M)
+    deps = re.findall(r'^\s*"([^"]+)"', block.group(1), flags=re.M)
+    for name in ("torch", "torchvision", "lightning"):
+        (spec,) = [d for d in deps if re.split(r"[<>=!~ ]", d)[0] == name]
+        assert "==" not in spec and ">=" in spec, spec
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of this checkout, installed (without its dependencies, which this environment has) into a folder."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("backdoor_lab-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "backdoor_lab/conf/train.yaml" in names and "backdoor_lab/conf/defense/fine_pruning.yaml" in names
+    assert "backdoor_lab/conf/experiment/face_sunglasses_pruning_aware.yaml" in names
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    return target
+
+
+def test_console_script_trains_and_defends_from_any_folder(installed: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(installed), "WANDB_MODE": "offline"}
+    script = installed / "bin" / "backdoor-lab-train"
+    assert script.is_file()
+    done = subprocess.run(
+        [sys.executable, str(script), "debug=tiny", "defenses=[fine_pruning]"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (job,) = (tmp_path / "outputs" / "train" / "signs-badnets").iterdir()
+    assert (job / "defense" / "fine_pruning" / "metrics.json").is_file()
+    assert "path: backdoor_lab.conf" in (job / ".hydra" / "hydra.yaml").read_text()  # the package's configs
+    where = subprocess.run(
+        [sys.executable, "-c", "import backdoor_lab; print(backdoor_lab.CONF_DIR)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.strip() == str(installed / "backdoor_lab" / "conf")  # the wheel's copy, not the checkout
