@@ -2,8 +2,8 @@
 
 No training and no randomness decide these outcomes. The weights are set by hand: a few conv channels carry the
 clean task, one channel is a dormant backdoor (its ReLU output is exactly 0 on every clean input and it routes
-the trigger to the target class). Then each defense goes through the public ``FinePruningCallback`` and a
-Lightning ``Trainer``, as a user would run it, and must give its known result:
+the trigger to the target class). Then each defense runs as the pipeline runs it (the plug-in classes of
+``backdoor_lab.defenses`` with a Lightning ``Trainer``) and must give its known result:
 
 * fine-pruning prunes exactly the dormant channel first, ASR falls to 0, clean accuracy holds;
 * pruning alone (the callback, zero epochs) also takes ASR to 0;
@@ -28,6 +28,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab import FinePruningCallback
+from backdoor_lab.defenses import (
+    DefenseContext,
+    FinePruning,
+    FineTuneBudget,
+    FineTuning,
+    NoDefense,
+    PruneSettings,
+    Pruning,
+)
 from backdoor_lab.metrics import AttackSuccessRate
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.models.deepid import DeepID
@@ -48,8 +57,41 @@ def _one_thread() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The one place a defense is applied (to be re-pointed at backdoor_lab.defenses' plug-in classes)
+# The one place a defense is applied: the plug-in classes of backdoor_lab.defenses, as the pipeline runs them
 # --------------------------------------------------------------------------------------------------------
+
+
+class DefenderData(L.LightningDataModule):
+    """The defender's data as the pipeline's DataModule hands it over: clean split to fit, rank and stop on."""
+
+    fit_on = "defender_clean"
+
+    def __init__(self, clean: DataLoader, triggered: DataLoader) -> None:
+        super().__init__()
+        self.clean, self.triggered = clean, triggered
+
+    def train_dataloader(self) -> DataLoader:
+        return self.clean
+
+    def clean_val_dataloader(self) -> DataLoader:
+        return self.clean
+
+    def triggered_val_dataloader(self) -> DataLoader:
+        return self.triggered
+
+
+def make_trainer(callbacks: list, epochs: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
 
 
 def apply_defense(
@@ -61,37 +103,26 @@ def apply_defense(
     layer: str | None = None,
     rank_layer: str | None = None,
 ) -> FinePruningCallback | None:
-    """Defend ``model`` in place with ``name`` on the defender's clean data; the pruning callback if one ran.
+    """Defend ``model`` in place with the defense ``name``; the pruning callback if one ran.
 
     ``triggered`` (attack targets and true labels) only draws ASR on the prune curve, as in the pipeline.
-    Fine-tuning uses the optimizer the model was built with.
+    Fine-tuning uses the optimizer the model was built with, for ``epochs`` epochs.
     """
-    if name == "none":
-        return None
-    callback = None
-    if name in ("pruning", "fine_pruning"):
-        callback = FinePruningCallback(
-            layer=layer,
-            activation_layer=rank_layer,
-            max_accuracy_drop=MAX_DROP,
-            clean_dataloader=clean,
-            triggered_dataloader=triggered,
-            progress=False,
+    budget = FineTuneBudget(epochs=epochs, optimizer=model.optimizer_factory, scheduler=None)
+    prune = PruneSettings(layer=layer, rank_layer=rank_layer, max_accuracy_drop=MAX_DROP, full_curve=False)
+    defense = {
+        "none": lambda: NoDefense(),
+        "fine_tuning": lambda: FineTuning(budget),
+        "pruning": lambda: Pruning(prune),
+        "fine_pruning": lambda: FinePruning(prune, budget),
+    }[name]()
+    defense.check(model)
+    record = defense.apply(DefenseContext(model, DefenderData(clean, triggered), make_trainer))
+    if name in ("fine_tuning", "fine_pruning"):
+        assert record["fine_tune"]["fit_on"] == "defender_clean" and record["fine_tune"]["samples"] == len(
+            clean.dataset
         )
-    fit_epochs = epochs if name in ("fine_tuning", "fine_pruning") else 0
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=fit_epochs,
-        callbacks=[callback] if callback else [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    trainer.fit(model, train_dataloaders=clean)
-    return callback
+    return getattr(defense, "callback", None)
 
 
 # --------------------------------------------------------------------------------------------------------

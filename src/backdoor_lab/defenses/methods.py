@@ -82,7 +82,7 @@ class Pruning(Defense):
 
     def __init__(self, prune: PruneSettings) -> None:
         self.settings = prune
-        self._callback: Any = None
+        self.callback: Any = None
 
     def check(self, model: L.LightningModule) -> None:
         callback = self.settings.callback(model)
@@ -91,14 +91,14 @@ class Pruning(Defense):
             raise ValueError(f"prune.rank_layer {callback.activation_layer!r} is not a module of the model")
 
     def apply(self, context: DefenseContext) -> dict[str, Any]:
-        self._callback = self.settings.callback(context.model)
+        self.callback = self.settings.callback(context.model)
         # A fit of zero epochs runs the callback's pruning (at fit start) and nothing else.
-        context.make_trainer([self._callback], 0).fit(context.model, datamodule=context.datamodule, weights_only=True)
-        return {**pruning_record(self._callback, context.model), "fine_tune": NO_FINE_TUNING}
+        context.make_trainer([self.callback], 0).fit(context.model, datamodule=context.datamodule, weights_only=True)
+        return {**pruning_record(self.callback, context.model), "fine_tune": NO_FINE_TUNING}
 
     def export(self, model: L.LightningModule) -> None:
-        if self._callback is not None:
-            self._callback.remove_reparametrization(model)
+        if self.callback is not None:
+            self.callback.remove_reparametrization(model)
 
 
 class FinePruning(Pruning):
@@ -111,6 +111,6 @@ class FinePruning(Pruning):
         self.budget = fine_tune
 
     def apply(self, context: DefenseContext) -> dict[str, Any]:
-        self._callback = self.settings.callback(context.model)
-        record = fine_tune(context, self.budget, callbacks=[self._callback])
-        return {**pruning_record(self._callback, context.model), "fine_tune": record}
+        self.callback = self.settings.callback(context.model)
+        record = fine_tune(context, self.budget, callbacks=[self.callback])
+        return {**pruning_record(self.callback, context.model), "fine_tune": record}
