@@ -263,6 +263,15 @@ def test_user_errors_and_bugs_are_told_apart() -> None:
     assert user_error_line(ConfigError("seed must be an integer, got 'x'")) == "seed must be an integer, got 'x'"
 
 
+def test_missing_trigger_patch_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    cfg = compose_run("train", tmp_path, "r", ["debug=tiny", "attack.trigger.patch=/nonexistent/patch.png"])
+    with pytest.raises(InstantiationException) as raised:
+        train(cfg)
+    line = user_error_line(raised.value)  # what the command line prints after "train failed: "
+    assert line == "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/patch.png'"
+    assert not (Path(cfg.paths.run_dir) / "metrics.json").exists()
+
+
 @contextlib.contextmanager
 def hydra_app(script: str, args: list[str], root: Path) -> Iterator[list[int]]:
     """Run ``train.py``/``defend.py`` as the command line does, in this process (Hydra's own error printing)."""
