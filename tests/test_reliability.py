@@ -507,7 +507,6 @@ def test_cache_and_result_files_get_the_users_umask(umask: int, mode: int, tmp_p
         assert path.stat().st_mode & 0o777 == mode, path
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.save_weights: safetensors' save_file creates 0600 (forwarded)")
 def test_weights_files_get_the_users_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
@@ -569,7 +568,6 @@ def _loader() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 1, 4, 4, generator=generator), torch.arange(8) % 2) for _ in range(2)]
 
 
-@pytest.mark.xfail(strict=True, reason="defenses/pruner.py: round(0.999 * 256) = 256 channels pruned (forwarded)")
 def test_no_prune_ratio_prunes_every_channel() -> None:
     from backdoor_lab.defenses.pruner import FinePruner
 

@@ -37,6 +37,7 @@ from backdoor_lab.reporting import (
     write_curve_csv,
     write_json,
 )
+from backdoor_lab.reporting.files import atomic_path
 from backdoor_lab.runs import (
     MODEL_DEFINING,
     MODEL_FILE,
@@ -276,11 +277,8 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Plain weights as safetensors (no pickle): loads into the stock model."""
     from safetensors.torch import save_file
 
-    if path.exists():
-        raise FileExistsError(f"{path} exists already; results are never overwritten")
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path, overwrite=False) as tmp:  # never over an earlier result; the user's umask
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
 def task_name(cfg: DictConfig) -> str:
@@ -368,6 +366,13 @@ def write_defense_result(
             title=f"{task_name(cfg)}: pruning {record.get('layer')} on clean val data",
         )
     save_weights(model, out / "defended.safetensors")
+    slim = None
+    if cfg.get("slim_export") and record.get("pruned_channels"):
+        from backdoor_lab.defenses.slim import export_slim
+
+        example = next(iter(dm.clean_val_dataloader()))[0][:64]
+        slim = export_slim(model, record["layer"], record["pruned_channels"], example, out)
+        log.info("Slim export: %d -> %d parameters (%s)", slim["params_dense"], slim["params_slim"], out / "slim.json")
     train_metrics = run.metrics
     metrics = {
         "kind": "defense",
@@ -381,6 +386,7 @@ def write_defense_result(
         "after": after,
         **record,
         "decoy_channels": train_metrics.get("decoy_channels"),
+        "slim": slim,
         "data_summary": dm.summary,
         "config": config,
         "overrides": job_overrides(),
@@ -429,17 +435,21 @@ def resolve_train_run(cfg: DictConfig) -> TrainRun:
 
 
 # ----------------------------------------------------------------------------- entry points
-@task_wrapper
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """train.py: train (or reuse an identical finished run) and apply ``defenses`` to the model."""
+def prepare_job(cfg: DictConfig) -> tuple[Path, list[str], list[Defense]]:
+    """What runs before any work: the config checks, a fresh job folder, every defense built and checked."""
     config_checks.check(cfg)
     job_dir = output_dir(cfg)
     refuse_used_run_dir(job_dir)
     names = defense_names(cfg)
     dm = build_datamodule(cfg, setup=False)  # class names only: bad settings fail before any data is built
-    defenses = check_defenses(cfg, names, dm.num_classes)
-    job = JobRecord(job_dir, names, job_overrides())
-    try:
+    return job_dir, names, check_defenses(cfg, names, dm.num_classes)
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """train.py: train (or reuse an identical finished run) and apply ``defenses`` to the model."""
+    job_dir, names, defenses = prepare_job(cfg)
+    with JobRecord(job_dir, names, job_overrides()) as job:
         run = None
         if cfg.get("reuse", True) and not cfg.get("ckpt_path"):
             found = matching_train_runs(Path(cfg.paths.output_dir).resolve(), train_key(training_config(cfg)))
@@ -450,32 +460,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             run = train_model(cfg, job_dir)
         job.update(train_run=run.run_dir)
         results = run_defenses(cfg, defenses, run, job_dir)
-        job.update(status="done")
-    except BaseException as err:
-        job.update(status="failed", error=f"{type(err).__name__}: {err}")
-        raise
     return {"train": run.metrics, "defenses": results, "objective": objective(cfg, run.metrics, results)}
 
 
 @task_wrapper
 def defend(cfg: DictConfig) -> dict[str, Any]:
     """defend.py: apply ``defenses`` to a checkpoint (``ckpt_path``, or the newest matching training run)."""
-    config_checks.check(cfg)
-    job_dir = output_dir(cfg)
-    refuse_used_run_dir(job_dir)
-    names = defense_names(cfg)
-    if not names:
+    if not defense_names(cfg):
         raise ValueError("defenses is empty: name at least one, e.g. defenses=[fine_pruning]")
-    dm = build_datamodule(cfg, setup=False)
-    defenses = check_defenses(cfg, names, dm.num_classes)
+    job_dir, names, defenses = prepare_job(cfg)
     run = resolve_train_run(cfg)
-    job = JobRecord(job_dir, names, job_overrides(), run.run_dir)
-    try:
+    with JobRecord(job_dir, names, job_overrides(), run.run_dir):
         results = run_defenses(cfg, defenses, run, job_dir)
-        job.update(status="done")
-    except BaseException as err:
-        job.update(status="failed", error=f"{type(err).__name__}: {err}")
-        raise
     return {"train": run.metrics, "defenses": results, "objective": objective(cfg, run.metrics, results)}
 
 

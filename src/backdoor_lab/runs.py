@@ -145,6 +145,16 @@ class JobRecord:
         }
         self._write()
 
+    def __enter__(self) -> JobRecord:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
+        """``done`` when the job's work ended normally, else ``failed`` with the error (which propagates)."""
+        if error is None:
+            self.update(status="done")
+        else:
+            self.update(status="failed", error=f"{type(error).__name__}: {error}")
+
     def update(self, **fields: Any) -> None:
         self.data.update({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
         self._write()

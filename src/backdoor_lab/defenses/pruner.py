@@ -184,6 +184,11 @@ def _progress(enabled: bool) -> Progress:
     return Progress(transient=True, disable=not (enabled and Console().is_terminal))
 
 
+def ratio_count(ratio: float, num_channels: int) -> int:
+    """Channels a ``prune_ratio`` prunes: rounded, but never every channel (0.999 of 256 is 255, not 256)."""
+    return min(int(round(ratio * num_channels)), num_channels - 1)
+
+
 class FinePruner:
     """Fine-Pruning of one conv layer of ``model`` (any ``nn.Module`` whose forward returns logits).
 
@@ -432,7 +437,7 @@ class FinePruner:
             raise RuntimeError("call rank(clean_loader) before measure_curve()")
         n, order = self.num_channels, self.pruning_order()
         step = self.step or (1 if self.split is not None else max(1, n // 64))
-        limit = None if self.prune_ratio is None else int(round(self.prune_ratio * n))
+        limit = None if self.prune_ratio is None else ratio_count(self.prune_ratio, n)
         schedule = prune_schedule(n, step, None if (self.full_curve or limit is None) else limit)
         if limit is not None and limit not in schedule:
             schedule = sorted({*schedule, limit})
@@ -482,7 +487,7 @@ class FinePruner:
     def choose(self) -> int:
         """How many channels to prune: ``prune_ratio`` of them, or the last count that passed the stop rule."""
         if self.prune_ratio is not None:
-            count = int(round(self.prune_ratio * self.num_channels))
+            count = ratio_count(self.prune_ratio, self.num_channels)
         else:
             if not self.prune_curve:
                 raise RuntimeError("the stop rule needs the curve: call measure_curve() first")
