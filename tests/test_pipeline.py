@@ -236,9 +236,21 @@ def test_stop_rule_rolls_back_to_the_last_passing_mask_on_a_sharp_threshold(jobs
         "defend",
         job.parent.parent.parent,
         "sharp",
-        [*TINY_FACES, "defenses=[pruning]", "prune.max_accuracy_drop=0.0", f"ckpt_path={job / 'model.safetensors'}"],
+        [
+            *TINY_FACES,
+            "defenses=[pruning]",
+            "prune.max_accuracy_drop=0.0",
+            "slim_export=true",
+            f"ckpt_path={job / 'model.safetensors'}",
+        ],
     )
     result = defend(cfg)["defenses"]["pruning"]
+    if result["pruned_channels"]:  # the slimmed model drops exactly the pruned channels
+        slim = json.loads((Path(cfg.paths.run_dir) / "defense" / "pruning" / "slim.json").read_text())
+        assert slim["pruned_channels"] == sorted(result["pruned_channels"]) or set(slim["pruned_channels"]) == set(
+            result["pruned_channels"]
+        )
+        assert result["slim"]["params_slim"] < result["slim"]["params_dense"]
     curve = result["prune_curve"]
     fails = [i for i, p in enumerate(curve) if p["clean_acc"] < curve[0]["clean_acc"]]
     assert fails, "the tiny face model must lose accuracy somewhere along its full curve"
