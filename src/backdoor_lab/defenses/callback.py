@@ -14,6 +14,12 @@ Checkpoints hold plain weights (masked channels zero); the masked modules accept
 ``load_state_dict`` pre-hook, ``backdoor_lab.masks``), so ``trainer.test(ckpt_path="best"|"last")`` works on the
 live pruned model, a fresh model loads the file, and a resumed fit re-installs the recorded mask.
 
+Under DDP each process evaluates 1/world of the clean and triggered batches; the activation sums and correct
+counts are summed with ``strategy.reduce``, so every process ranks, measures and masks the same. Under the spawn
+launcher (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) the fit runs in child processes: rank 0 hands the
+callback's state back to the parent through the launcher's extra results, and the parent's model gets the mask
+with the returned weights.
+
 Unlike the peers (PAPER.md), it ranks and stops on clean *validation* data only, rolls back to the last
 passing mask, prunes exactly the count it reports, and keeps running sums instead of activations.
 """
@@ -21,11 +27,16 @@ passing mask, prunes exactly the count it reports, and keeps running sums instea
 from __future__ import annotations
 
 import logging
+import sys
+import uuid
+import warnings
+import weakref
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -116,6 +127,9 @@ class FinePruningCallback(Callback):
         self.pruned_channels: list[int] = []
         self.prune_curve: list[dict[str, float | None]] = []
         self.pruned = False
+        # Names this callback across a spawn launcher's processes: rank 0's state comes back to this object.
+        self._handoff_id = uuid.uuid4().hex
+        _PARENT_CALLBACKS[self._handoff_id] = self
 
     @property
     def state_key(self) -> str:
@@ -142,6 +156,46 @@ class FinePruningCallback(Callback):
         # the fine-tuning that follows shuffles the same whether the curve had 8 points or 256.
         with torch.random.fork_rng(devices=[]):
             self.prune(trainer, pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Under a spawn launcher, send the mask and the record back to the parent process.
+
+        The launcher returns rank 0's weights, which the parent loads non-strictly into its unmasked model: a
+        masked conv's ``weight_orig`` would be dropped there (the parent keeping its pre-fit conv), so the masks
+        are folded into plain weights first. The callback's state travels with the launcher's extra results.
+        """
+        launcher = trainer.strategy.launcher
+        if stage != "fit" or not self.pruned or not isinstance(launcher, _MultiProcessingLauncher):
+            return
+        make_permanent(self._modules(pl_module))
+        if trainer.local_rank != 0:  # the launcher returns local rank 0's results only
+            return
+        collect = launcher.get_extra_results
+        state = _StateFromWorker(self._handoff_id, self.state_dict())
+
+        def get_extra_results(trainer: L.Trainer) -> dict[str, Any]:
+            return {**collect(trainer), f"fine_pruning/{self._handoff_id}": state}
+
+        launcher.get_extra_results = get_extra_results
+
+    def _take_over(self, state: dict[str, Any]) -> None:
+        """In the parent of a spawn launcher: rank 0's state, and its mask on the parent's model.
+
+        Runs while the launcher unpickles the workers' results, before it loads their weights into the parent's
+        model: with the mask installed first, the plain weights that come back fill ``weight_orig`` (masks.py).
+        """
+        self.load_state_dict(state)
+        trainer = _trainer_holding(self)
+        if trainer is None or trainer.lightning_module is None:
+            warnings.warn(
+                "FinePruningCallback: the spawned fit's mask came back, but the parent's Trainer was not found; "
+                "its model holds the pruned weights (masked channels zero) without a mask: call "
+                "callback.apply_mask(model) before training it further",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self.apply_mask(trainer.lightning_module)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Save plain weights (masked channels zero): any copy of the model loads them, pruned or not.
@@ -197,6 +251,8 @@ class FinePruningCallback(Callback):
             forward_context=precision.val_step_context,
             reduce=lambda t: strategy.reduce(t, reduce_op="sum"),
             broadcast=lambda v: strategy.broadcast(v, src=0),
+            world_size=trainer.world_size,
+            process_index=trainer.global_rank,
             fast=self.fast_curve,
             progress=self.progress and trainer.is_global_zero,
         )
@@ -213,6 +269,10 @@ class FinePruningCallback(Callback):
         make_permanent(self._modules(pl_module))
 
     # ----------------------------------------------------------------- helpers
+    def apply_mask(self, pl_module: L.LightningModule) -> None:
+        """Install the recorded mask (``pruned_channels``) on ``pl_module``."""
+        self._apply_mask(pl_module)
+
     def _apply_mask(self, pl_module: L.LightningModule) -> None:
         keep = torch.ones(self._conv(pl_module).out_channels, dtype=torch.bool)
         keep[self.pruned_channels] = False
@@ -319,3 +379,44 @@ class FinePruningCallback(Callback):
                 logger.log_table(
                     "prune_curve", columns=columns, data=[[p[c] for c in columns] for p in self.prune_curve]
                 )
+
+
+# Callbacks by handoff id, in the process that built them: where a spawn launcher's rank 0 sends their state.
+_PARENT_CALLBACKS: weakref.WeakValueDictionary[str, FinePruningCallback] = weakref.WeakValueDictionary()
+
+
+class _StateFromWorker:
+    """A callback's state in the spawn launcher's extra results; unpickled in the parent, it hands it over.
+
+    The launcher's parent side reads only the keys it knows (``update_main_process_results``); the handover
+    happens when the parent unpickles the worker's output, which it always does.
+    """
+
+    def __init__(self, handoff_id: str, state: dict[str, Any]) -> None:
+        self.handoff_id = handoff_id
+        self.state = state
+
+    def __reduce__(self) -> tuple:
+        return _receive_in_parent, (self.handoff_id, self.state)
+
+
+def _receive_in_parent(handoff_id: str, state: dict[str, Any]) -> None:
+    callback = _PARENT_CALLBACKS.get(handoff_id)
+    if callback is not None:
+        callback._take_over(state)
+
+
+def _trainer_holding(callback: FinePruningCallback) -> L.Trainer | None:
+    """The Trainer whose ``fit`` is on this thread's stack with ``callback`` among its callbacks.
+
+    The launcher unpickles the workers' results inside ``Trainer.fit``; no hook hands the parent's Trainer to a
+    callback there, so it is read from the calling frames (``self`` or ``trainer``).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        for name in ("trainer", "self"):
+            candidate = frame.f_locals.get(name)
+            if isinstance(candidate, L.Trainer) and any(c is callback for c in candidate.callbacks):
+                return candidate
+        frame = frame.f_back
+    return None

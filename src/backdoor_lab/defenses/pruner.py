@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
+from torch.utils.data import DistributedSampler
 
 from backdoor_lab.defenses.pruning import (
     ChannelActivation,
@@ -217,6 +218,10 @@ class FinePruner:
         forward_context: context for each forward (a trainer's precision); default none.
         reduce: sums a tensor over processes (default: one process).
         broadcast: the chosen count from process 0 (default: one process).
+        world_size, process_index: the processes that share the work (a trainer's world size and global rank):
+            each evaluates batches ``i % world_size == process_index`` of every loader (give each process the
+            same, unsharded loader) and ``reduce`` sums the activation sums and correct counts, so that every
+            process computes the same means, curve and mask.
         fast: cache at the layer and re-run only the later layers (falls back by itself when it cannot).
         progress: a rich progress bar on a terminal.
     """
@@ -238,6 +243,8 @@ class FinePruner:
         forward_context: Callable[[], AbstractContextManager] = nullcontext,
         reduce: Callable[[Tensor], Tensor] | None = None,
         broadcast: Callable[[int], int] | None = None,
+        world_size: int = 1,
+        process_index: int = 0,
         fast: bool = True,
         progress: bool = False,
     ) -> None:
@@ -251,6 +258,8 @@ class FinePruner:
             raise ValueError(f"step must be a positive channel count, got {step}")
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be positive, got {max_batches}")
+        if not 0 <= process_index < world_size:
+            raise ValueError(f"process_index must be in [0, world_size={world_size}), got {process_index}")
         self.model = model
         self.layer_name, self.conv = resolve_layer(model, layer)
         named = dict(model.named_modules())
@@ -269,6 +278,8 @@ class FinePruner:
         self.forward_context = forward_context
         self.reduce = reduce or (lambda t: t)
         self.broadcast = broadcast or (lambda v: v)
+        self.world_size = world_size
+        self.process_index = process_index
         self.fast = fast
         self.progress = progress
         self.num_channels = self.conv.out_channels
@@ -306,6 +317,12 @@ class FinePruner:
             self.triggered_activation = [float(v) for v in trig_mean]
         if self.split is not None:
             self._verify_split()
+        # Every process must measure the curve the same way (same schedule, same collectives): if any one
+        # of them fell back to full re-evaluation, all do.
+        cut_everywhere = self.reduce(torch.tensor(float(self.split is not None), device=self._device()))
+        if self.split is not None and float(cut_everywhere) < self.world_size:
+            self._drop_cache()
+            self._fall_back("another process cannot use the cut")
         return self.channel_activation
 
     def _device(self) -> torch.device:
@@ -325,9 +342,7 @@ class FinePruner:
         was_training = self.model.training
         self.model.eval()
         try:
-            for i, batch in enumerate(loader):
-                if self.max_batches is not None and i >= self.max_batches:
-                    break
+            for i, batch in enumerate(self._shard(loader)):
                 x, y, true = self.batch_to_xy(self._move(batch, dataloader_idx))
                 with self.forward_context():
                     if self.split is not None:
@@ -352,14 +367,32 @@ class FinePruner:
             reached.remove()
             recorder.close()
             self.model.train(was_training)
-        if not data.batches:
-            raise ValueError(f"the {what} dataloader yielded no batches: FinePruner needs {what} data to prune on")
         if self.split is None:  # the fallback re-reads the loader for every mask; keep no tensors
             for b in data.batches:
                 b.crossing = None
-        total = self.reduce(recorder.sum.to(self._device()))
-        count = self.reduce(torch.tensor(float(recorder.count), device=total.device))
-        return data, (total / count).cpu()
+        # One reduce for the sums, one for the counts, on every process (a process with no batch of its own
+        # adds zeros): the same collectives in the same order everywhere.
+        local_sum = recorder.sum if recorder.sum is not None else torch.zeros(self.num_channels, dtype=torch.float64)
+        total = self.reduce(local_sum.to(self._device()))
+        counts = self.reduce(
+            torch.tensor([float(recorder.count), float(len(data.batches))], dtype=torch.float64, device=total.device)
+        )
+        if not float(counts[1]):
+            raise ValueError(f"the {what} dataloader yielded no batches: FinePruner needs {what} data to prune on")
+        return data, (total / counts[0]).cpu()
+
+    def _shard(self, loader: Iterable) -> Iterator[Any]:
+        """This process's batches: ``i % world_size == process_index`` of the first ``max_batches``.
+
+        A loader whose sampler is a ``DistributedSampler`` is already split across processes; it is read whole.
+        """
+        sharded = isinstance(getattr(loader, "sampler", None), DistributedSampler)
+        world, index = (1, 0) if sharded else (self.world_size, self.process_index)
+        for i, batch in enumerate(loader):
+            if self.max_batches is not None and i >= self.max_batches:
+                return
+            if i % world == index:
+                yield batch
 
     def _check_first_batch(
         self, x: Any, y: Tensor | None, logits: Any, calls: list, recorder: ChannelActivation, what: str
@@ -394,6 +427,8 @@ class FinePruner:
 
     def _verify_split(self) -> None:
         """The cut must give exactly the whole network's logits, unmasked and with half the channels masked."""
+        if not self._clean.batches:  # nothing to check here; the processes that hold batches vote
+            return
         order = self.pruning_order()
         first = self._clean.batches[0]
         keep = torch.ones(self.num_channels, dtype=torch.bool)
@@ -411,10 +446,13 @@ class FinePruner:
         finally:
             self.model.train(was_training)
         if not (torch.equal(whole, cut) and torch.equal(whole_masked, cut_masked)):
-            for data in (self._clean, self._triggered):
-                for b in data.batches if data else []:
-                    b.crossing = None
+            self._drop_cache()
             self._fall_back(f"the split at {self.split.cut_name} does not give the whole network's logits")
+
+    def _drop_cache(self) -> None:
+        for data in (self._clean, self._triggered):
+            for b in data.batches if data else []:
+                b.crossing = None
 
     def _tail(self, batch: _Batch, keep: Tensor) -> Tensor:
         # Other values crossing the cut (skip connections) are copied: the tail may work on them in place. The
@@ -476,7 +514,7 @@ class FinePruner:
                         with self.forward_context():
                             b.correct = count_correct(self._tail(b, keep), b.targets, b.true_labels)[0]
             else:
-                for b, batch in zip(data.batches, data.loader, strict=False):
+                for b, batch in zip(data.batches, self._shard(data.loader), strict=False):
                     x, y, true = self.batch_to_xy(self._move(batch, data.dataloader_idx))
                     with self.forward_context():
                         b.correct, b.total = count_correct(self.model(x), y, true)
