@@ -40,7 +40,13 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from backdoor_lab.defenses.pruner import BatchToXY, FinePruner, pruning_order, trigger_channel_ranks
+from backdoor_lab.defenses.pruner import (
+    BatchToXY,
+    FinePruner,
+    check_prune_settings,
+    pruning_order,
+    trigger_channel_ranks,
+)
 from backdoor_lab.defenses.pruning import (
     fold_prune_masks,
     make_permanent,
@@ -95,16 +101,7 @@ class FinePruningCallback(Callback):
         batch_to_xy: BatchToXY = split_batch,
         fast_curve: bool = True,
     ) -> None:
-        if prune_ratio is not None and not 0.0 <= prune_ratio < 1.0:
-            raise MisconfigurationException(f"prune_ratio must be in [0, 1), got {prune_ratio}")
-        if max_accuracy_drop is None or not 0.0 <= max_accuracy_drop <= 1.0:
-            raise MisconfigurationException(
-                f"max_accuracy_drop must be a fraction in [0, 1] (0.04 = 4 points), got {max_accuracy_drop}"
-            )
-        if step is not None and step < 1:
-            raise MisconfigurationException(f"step must be a positive channel count, got {step}")
-        if max_batches is not None and max_batches < 1:
-            raise MisconfigurationException(f"max_batches must be positive, got {max_batches}")
+        check_prune_settings(prune_ratio, max_accuracy_drop, step, max_batches, error=MisconfigurationException)
         self.layer = layer
         self.prune_ratio = prune_ratio
         self.max_accuracy_drop = max_accuracy_drop

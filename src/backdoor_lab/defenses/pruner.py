@@ -185,6 +185,24 @@ def _progress(enabled: bool) -> Progress:
     return Progress(transient=True, disable=not (enabled and Console().is_terminal))
 
 
+def check_prune_settings(
+    prune_ratio: float | None,
+    max_accuracy_drop: float | None,
+    step: int | None,
+    max_batches: int | None,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Settings FinePruner and FinePruningCallback share, checked in one place (``error``: the type raised)."""
+    if prune_ratio is not None and not 0.0 <= prune_ratio < 1.0:
+        raise error(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+    if max_accuracy_drop is None or not 0.0 <= max_accuracy_drop <= 1.0:
+        raise error(f"max_accuracy_drop must be a fraction in [0, 1] (0.04 = 4 points), got {max_accuracy_drop}")
+    if step is not None and step < 1:
+        raise error(f"step must be a positive channel count, got {step}")
+    if max_batches is not None and max_batches < 1:
+        raise error(f"max_batches must be positive, got {max_batches}")
+
+
 def ratio_count(ratio: float, num_channels: int) -> int:
     """Channels a ``prune_ratio`` prunes: rounded, but never every channel (0.999 of 256 is 255, not 256)."""
     return min(int(round(ratio * num_channels)), num_channels - 1)
@@ -248,16 +266,7 @@ class FinePruner:
         fast: bool = True,
         progress: bool = False,
     ) -> None:
-        if prune_ratio is not None and not 0.0 <= prune_ratio < 1.0:
-            raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
-        if max_accuracy_drop is None or not 0.0 <= max_accuracy_drop <= 1.0:
-            raise ValueError(
-                f"max_accuracy_drop must be a fraction in [0, 1] (0.04 = 4 points), got {max_accuracy_drop}"
-            )
-        if step is not None and step < 1:
-            raise ValueError(f"step must be a positive channel count, got {step}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be positive, got {max_batches}")
+        check_prune_settings(prune_ratio, max_accuracy_drop, step, max_batches)
         if not 0 <= process_index < world_size:
             raise ValueError(f"process_index must be in [0, world_size={world_size}), got {process_index}")
         self.model = model
