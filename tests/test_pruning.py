@@ -349,7 +349,7 @@ def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name) -> 
 
 
 def test_residual_cut_carries_the_skip_and_the_masked_batchnorm() -> None:
-    from backdoor_lab.defenses.pruner import split_network
+    from backdoor_lab.defenses.network_split import split_network
 
     split = split_network(Residual(), "conv_a", ["bn_a"])
     assert split.cut_name == "relu_1" or "relu" in split.cut_name  # moved past bn_a and its ReLU
