@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from backdoor_lab import CONF_DIR, config_checks
 from backdoor_lab.checkpoints import load_weights
@@ -493,10 +493,3 @@ def objective(cfg: DictConfig, train_metrics: dict[str, Any], results: dict[str,
         measured = train_metrics
     floor = float(spec.get("clean_floor", 0.0))
     return float(measured["asr"]) - max(0.0, floor - float(measured["clean_acc"]))
-
-
-def with_run_dir(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """``cfg`` writing into ``run_dir`` (tests and tools that run outside Hydra's job folders)."""
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-    return cfg
