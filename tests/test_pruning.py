@@ -19,6 +19,8 @@ from backdoor_lab.defenses.pruning import (
     set_channel_mask,
 )
 
+from .nets import Residual
+
 
 class KnownNet(nn.Module):
     """conv (1x1, 4 channels) -> ReLU -> mean -> linear, with hand-set weights.
@@ -281,26 +283,6 @@ def test_the_docstring_example_prunes_and_exports_plain_weights(tmp_path, monkey
     assert fresh.conv5.weight[pruner.pruned_channels].abs().max() == 0
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
-
-
-class Residual(nn.Module):
-    """conv -> [conv_a -> BN -> ReLU -> conv_b] + skip -> ReLU -> pool -> linear: the skip crosses the cut."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv_a = nn.Conv2d(8, 12, 3, padding=1)
-        self.bn_a = nn.BatchNorm2d(12)
-        self.conv_b = nn.Conv2d(12, 8, 3, padding=1)
-        self.head = nn.Linear(8, 5)
-        with torch.no_grad():
-            self.bn_a.running_mean.uniform_(-0.5, 0.5)
-            self.bn_a.bias.uniform_(-0.5, 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = torch.relu(self.stem(x))
-        out = self.conv_b(torch.relu(self.bn_a(self.conv_a(skip))))
-        return self.head(torch.relu(out + skip).mean(dim=(2, 3)))
 
 
 def _built_in(name: str) -> tuple[nn.Module, tuple[int, ...], str, str | None]:

@@ -20,6 +20,8 @@ from backdoor_lab.models.deepid import DeepID
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 from backdoor_lab.models.traffic_cnn import TrafficSignCNN
 
+from .nets import Residual
+
 REPORT_KEYS = {"params_dense", "params_slim", "bytes_dense", "bytes_slim", "latency_ms_dense", "latency_ms_slim"}
 
 # name: (net factory, pruned layer, input shape from its conf, channels pruned (README), readers of the layer:
@@ -149,27 +151,6 @@ def test_export_refuses_to_overwrite(tmp_path: Path) -> None:
     export_slim(net, "conv3", pruned, x, tmp_path)
     with pytest.raises(FileExistsError, match="slim.safetensors exists already"):
         export_slim(net, "conv3", pruned, x, tmp_path)
-
-
-class Residual(nn.Module):
-    """stem -> [conv_a -> BN -> ReLU -> conv_b] + skip: conv_a has a BatchNorm, conv_b is coupled to the stem."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv_a = nn.Conv2d(8, 12, 3, padding=1)
-        self.bn_a = nn.BatchNorm2d(12)
-        self.conv_b = nn.Conv2d(12, 8, 3, padding=1)
-        self.head = nn.Linear(8, 5)
-        with torch.no_grad():  # non-trivial statistics, so a wrongly sliced BN would show
-            self.bn_a.running_mean.uniform_(-0.5, 0.5)
-            self.bn_a.running_var.uniform_(0.5, 2.0)
-            self.bn_a.bias.uniform_(-0.5, 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = torch.relu(self.stem(x))
-        out = self.conv_b(torch.relu(self.bn_a(self.conv_a(skip))))
-        return self.head(torch.relu(out + skip).mean(dim=(2, 3)))
 
 
 def masked_residual(layer: str, pruned: list[int]) -> tuple[Residual, torch.Tensor]:
