@@ -299,7 +299,8 @@ def _built_in(name: str) -> tuple[nn.Module, tuple[int, ...], str, str | None]:
 
 
 @pytest.mark.parametrize("name", ["signs", "speech", "faces", "residual"])
-def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name) -> None:
+def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name, monkeypatch) -> None:
+    from backdoor_lab.defenses import pruner as pruner_module
     from backdoor_lab.defenses.pruner import FinePruner
 
     torch.manual_seed(0)
@@ -316,8 +317,19 @@ def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name) -> 
     fast = FinePruner(model, layer, activation_layer=stat, step=1, full_curve=True)
     fast.rank(clean, triggered)
     assert fast.split is not None, "the built-in network must take the cached path"
+    assert fast.incremental, "the layers reading the cut are linear: the curve must keep running sums"
     fast_curve = fast.measure_curve()
     assert [p["pruned"] for p in fast_curve] == list(range(fast.num_channels))  # every count but all
+    # The running sums alone, no near-tie sample sent to the exact tail: the same curve here too.
+    monkeypatch.setattr(pruner_module, "NEAR_TIE", 0.0)
+    sums_only = FinePruner(model, layer, activation_layer=stat, step=1, full_curve=True)
+    sums_only.rank(clean, triggered)
+    assert sums_only.measure_curve() == fast_curve and sums_only.exact_tail_runs == 0
+    # Every moved sample sent to the exact tail: the same curve again (the two paths agree with each other).
+    monkeypatch.setattr(pruner_module, "NEAR_TIE", float("inf"))
+    exact_only = FinePruner(model, layer, activation_layer=stat, step=1, full_curve=True)
+    exact_only.rank(clean, triggered)
+    assert exact_only.measure_curve() == fast_curve and exact_only.exact_tail_runs > 0
     # The whole network re-run at every count (every 8th for the 256-channel signs net, to keep the suite fast).
     full = FinePruner(model, layer, activation_layer=stat, step=1 if fast.num_channels <= 64 else 8, fast=False)
     full.full_curve = True
@@ -336,6 +348,45 @@ def test_residual_cut_carries_the_skip_and_the_masked_batchnorm() -> None:
     split = split_network(Residual(), "conv_a", ["bn_a"])
     assert split.cut_name == "relu_1" or "relu" in split.cut_name  # moved past bn_a and its ReLU
     assert len(split.head.graph.find_nodes(op="output")[0].args[0]) == 2  # the cut and the skip
+
+
+class SquashedCut(nn.Module):
+    """conv -> sigmoid -> linear: the layer reading the cut is not linear in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.head = nn.Linear(6 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.conv(x)).flatten(1))
+
+
+def test_running_sums_need_readers_linear_in_the_cut() -> None:
+    from backdoor_lab.defenses.network_split import split_network
+    from backdoor_lab.models.deepid import DeepID
+
+    split = split_network(DeepID(5), "conv3")
+    assert [type(r.module).__name__ for r in split.readers] == ["Conv2d", "Linear"]  # conv4 and fc_pool3
+    squashed = split_network(SquashedCut(), "conv")
+    assert squashed.readers is None and squashed.rest is None  # sigmoid reads the cut: re-run the tail per mask
+
+
+def test_a_tail_without_linear_readers_still_equals_full_re_evaluation() -> None:
+    from backdoor_lab.defenses.pruner import FinePruner
+
+    torch.manual_seed(0)
+    model = SquashedCut().eval()
+    x = torch.randn(32, 3, 8, 8) * torch.logspace(-1, 1, 32).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        loader = DataLoader(TensorDataset(x, model(x).argmax(1)), batch_size=8)
+    curves = []
+    for fast in (True, False):
+        pruner = FinePruner(model, "conv", step=1, full_curve=True, rectify=False, fast=fast)
+        pruner.rank(loader)
+        assert (pruner.split is not None) == fast and not pruner.incremental
+        curves.append(pruner.measure_curve())
+    assert curves[0] == curves[1] and min(p["clean_acc"] for p in curves[0]) < 1.0
 
 
 class DataDependent(KnownNet):

@@ -3,6 +3,10 @@
 The curve of ``FinePruner`` caches the tensors that the layers after the pruned conv read and re-runs only those
 layers for each mask. The cut is moved down past channel-wise layers (ReLU, pooling, the masked BatchNorm), so
 that masking the cached tensor equals masking the conv; skip connections that cross the cut are cached too.
+
+Where every reader of the cut value is linear in it (a ``Conv2d``, or a ``Linear`` over the flattened map), the
+tail is split once more into those readers and the ``rest``: a pruned channel then moves the readers' outputs by
+one term each (``LinearReader.contribution``), and only the rest is re-run per mask.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
 # Layers whose output channel c depends only on input channel c and maps an all-zero channel to zero: a mask
@@ -45,13 +49,46 @@ class CannotCutError(RuntimeError):
 
 
 @dataclass
+class LinearReader:
+    """A layer right after the cut that is linear in the cut value: a ``Conv2d``, or a ``Linear`` over its flatten."""
+
+    module: nn.Conv2d | nn.Linear
+
+    def full(self, cut: Tensor) -> Tensor:
+        """The layer's output, in float64 (the running sums of the curve start from it)."""
+        weight, bias = self.module.weight.double(), self.module.bias
+        bias = None if bias is None else bias.double()
+        if isinstance(self.module, nn.Conv2d):
+            m = self.module
+            return F.conv2d(cut.double(), weight, bias, m.stride, m.padding, m.dilation)
+        return F.linear(cut.double().flatten(1), weight, bias)
+
+    def contribution(self, part: Tensor, channels: list[int]) -> Tensor:
+        """What ``part`` = ``cut[:, channels]`` adds to the layer's output (float64): masking them subtracts this."""
+        part = part.double()
+        weight = self.module.weight
+        if isinstance(self.module, nn.Conv2d):
+            m = self.module
+            return F.conv2d(part, weight[:, channels].double(), None, m.stride, m.padding, m.dilation)
+        per_channel = weight.view(weight.shape[0], -1, part[0, 0].numel())[:, channels].double()
+        return part.reshape(part.shape[0], -1) @ per_channel.reshape(weight.shape[0], -1).T
+
+
+@dataclass
 class NetworkSplit:
-    """``head(x)`` -> the values that cross the cut; ``tail(*values)`` -> logits. ``values[cut]`` is masked."""
+    """``head(x)`` -> the values that cross the cut; ``tail(*values)`` -> logits. ``values[cut]`` is masked.
+
+    ``readers`` and ``rest`` (None where some reader of the cut is not linear in it): ``rest(*others, *outputs)``
+    gives the tail's logits from the other crossing values (``values`` without ``values[cut]``) and each
+    reader's output.
+    """
 
     head: fx.GraphModule
     tail: fx.GraphModule
     cut: int
     cut_name: str
+    readers: list[LinearReader] | None = None
+    rest: fx.GraphModule | None = None
 
 
 def _is_channelwise(node: fx.Node, modules: dict[str, nn.Module], masked: set[str], source: fx.Node) -> bool:
@@ -112,9 +149,66 @@ def split_network(model: nn.Module, layer: str, masked: Iterable[str] = ()) -> N
             env[node] = tail_graph.node_copy(node, lambda a: env[a])
     for node in tail_nodes:
         env[node] = tail_graph.node_copy(node, lambda a: env[a])
-    return NetworkSplit(
+    tail = fx.GraphModule(traced, tail_graph)
+    split = NetworkSplit(
         head=fx.GraphModule(traced, head_graph),
-        tail=fx.GraphModule(traced, tail_graph),
+        tail=tail,
         cut=crossing.index(cut),
         cut_name=str(cut.target) if cut.op == "call_module" else cut.name,
     )
+    split.readers, split.rest = _split_linear_readers(tail, crossing.index(cut))
+    return split
+
+
+def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``x.flatten(1)``, ``torch.flatten(x, 1)`` or ``nn.Flatten()``: (N, C, H, W) -> (N, C*H*W)."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if (node.op, node.target) not in {("call_method", "flatten"), ("call_function", torch.flatten)}:
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start == 1 and end == -1
+
+
+def _split_linear_readers(
+    tail: fx.GraphModule, cut_index: int
+) -> tuple[list[LinearReader] | None, fx.GraphModule | None]:
+    """The tail's readers of the cut, when all are linear in it, and the graph of the rest; else (None, None)."""
+    modules = dict(tail.named_modules())
+    placeholders = [n for n in tail.graph.nodes if n.op == "placeholder"]
+    cut = placeholders[cut_index]
+    readers: list[fx.Node] = []
+    skipped: set[fx.Node] = {cut}
+    for user in cut.users:
+        node, flattened = user, False
+        if _is_flatten(node, modules):
+            if len(node.users) != 1:
+                return None, None
+            skipped.add(node)
+            node, flattened = next(iter(node.users)), True
+        module = modules.get(node.target) if node.op == "call_module" else None
+        linear = isinstance(module, nn.Linear) and flattened
+        conv = (
+            isinstance(module, nn.Conv2d)
+            and not flattened
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+        if not (linear or conv) or len(node.args) != 1 or node.kwargs:
+            return None, None
+        readers.append(node)
+    if not readers:
+        return None, None
+    graph, env = fx.Graph(), {}
+    for node in placeholders:
+        if node is not cut:
+            env[node] = graph.placeholder(node.name)
+    for node in readers:
+        env[node] = graph.placeholder(f"{node.name}_output")
+    for node in tail.graph.nodes:
+        if node.op != "placeholder" and node not in skipped and node not in env:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    return [LinearReader(modules[n.target]) for n in readers], fx.GraphModule(tail, graph)

@@ -4,10 +4,16 @@ rank -> curve -> choose -> mask -> export. One pass over the clean (and triggere
 one conv layer by mean activation and caches the tensors that the layers after it read; the prune curve then
 re-runs only those later layers for each mask, at every channel count. The cut is found with ``torch.fx`` and
 moved down past channel-wise layers (ReLU, pooling) so that masking the cached tensor equals masking the conv;
-skip connections that cross the cut are cached too. A batch whose cached map is zero in the newly pruned
-channels keeps its previous answer (same input, same shapes, same bits). Before the curve, the cut is checked
-against the whole network with half the channels masked; where tracing fails or the answers differ, the curve
-falls back to full re-evaluation with one warning.
+skip connections that cross the cut are cached too. Samples whose cached map is zero in the newly pruned
+channels keep their previous answer (same input, same answer). Before the curve, the cut is checked against the
+whole network with half the channels masked; where tracing fails or the answers differ, the curve falls back to
+full re-evaluation with one warning.
+
+Where the layers reading the cut are linear in it (a conv, or a linear layer over the flattened map, as in every
+built-in network), their outputs are kept as float64 running sums: pruning a channel subtracts that channel's
+term, and only the layers after them run per mask. The answers then equal the whole network's up to float32
+rounding; a sample whose two best classes lie closer than ``NEAR_TIE`` (relative) is re-run through the cached
+layers exactly as the whole network would compute it, so the counts are those of full re-evaluation.
 
 Lightning users get the same through ``FinePruningCallback``; the hooks ``transfer``, ``forward_context``,
 ``reduce`` and ``broadcast`` are where a trainer plugs in its device transfer, precision and processes.
@@ -40,39 +46,79 @@ from backdoor_lab.defenses.pruning import (
     set_channel_mask,
     split_batch,
 )
+from backdoor_lab.metrics import attack_counted
 
 log = logging.getLogger(__name__)
 
 BatchToXY = Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]]
 
+# The running sums must give the whole network's logits to this fraction of their largest |logit| (checked on
+# the first batch; float32 rounding makes them differ by ~2e-7 of it on the built-in networks).
+SUMS_TOLERANCE = 5e-6
+# A sample whose top-2 logit margin is below this fraction of its largest |logit| could answer differently from
+# the whole network: it is decided by the exact tail.
+NEAR_TIE = 2 * SUMS_TOLERANCE
+# The cut is checked against the whole network on this many samples of the first clean batch (three forwards).
+CHECK_SAMPLES = 16
+
 
 @dataclass
 class _Batch:
-    """One batch of a cached pass: what crosses the cut, labels, and its current correct count."""
+    """One batch of a cached pass: what crosses the cut, labels, and its correct count (full re-evaluation)."""
 
     crossing: tuple | None
     targets: Tensor
     true_labels: Tensor | None
-    active: Tensor | None  # per channel: any non-zero value at the cut in this batch
     correct: float
     total: float
+    start: int = 0  # its first sample's index in the pass
     buffer: Tensor | None = None
+
+
+def _hits(logits: Tensor, targets: Tensor, true_labels: Tensor | None) -> Tensor:
+    """Per sample: counted (see ``attack_counted``) and argmax == target."""
+    targets = targets.to(logits.device)
+    return attack_counted(targets, true_labels) & (logits.argmax(dim=1) == targets)
+
+
+def _near_ties(logits: Tensor) -> Tensor:
+    """Per sample: the two best classes closer than ``NEAR_TIE`` of the largest |logit|."""
+    if logits.shape[1] < 2:
+        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    top = logits.topk(2, dim=1).values
+    return top[:, 0] - top[:, 1] <= NEAR_TIE * logits.abs().amax(dim=1)
 
 
 @dataclass
 class _Pass:
+    """One loader's cached pass. On the cached path the state is per sample, over the whole pass at once."""
+
     loader: Iterable
     dataloader_idx: int
     batches: list[_Batch] = field(default_factory=list)
     first_inputs: Tensor | None = None
+    hits: Tensor | None = None  # per sample: counted and argmax == target, current mask
+    active: Tensor | None = None  # (samples, channels): any non-zero value at the cut
+    targets: Tensor | None = None
+    true_labels: Tensor | None = None
+    cut: Tensor | None = None  # float64 copy of the cut values (running sums only)
+    others: list | None = None  # the other crossing values, concatenated (running sums only)
+    sums: list[Tensor] | None = None  # float64 outputs of the split's linear readers, current mask
 
     @property
     def correct(self) -> float:
+        if self.hits is not None:
+            return float(self.hits.sum())
         return sum(b.correct for b in self.batches)
 
     @property
     def total(self) -> float:
         return sum(b.total for b in self.batches)
+
+    def drop_cache(self) -> None:
+        for b in self.batches:
+            b.crossing = b.buffer = None
+        self.hits = self.active = self.cut = self.others = self.sums = None
 
 
 def _progress(enabled: bool) -> Progress:
@@ -193,6 +239,8 @@ class FinePruner:
         self.prune_curve: list[dict[str, float | None]] = []
         self.pruned_channels: list[int] = []
         self.split: NetworkSplit | None = None
+        self.incremental = False  # the curve keeps running sums of the split's linear readers
+        self.exact_tail_runs = 0  # batches the curve re-ran through the cached layers (no sums, or a near tie)
         self._clean: _Pass | None = None
         self._triggered: _Pass | None = None
 
@@ -211,6 +259,7 @@ class FinePruner:
                 self.split = split_network(self.model, self.layer_name, masked)
             except CannotCutError as err:
                 self._fall_back(str(err))
+        self.incremental = self.split is not None and self.split.readers is not None
         if any(hasattr(m, "weight_mask") for m in self.modules):  # rank the unpruned network
             set_channel_mask(self.modules, torch.ones(self.num_channels, dtype=torch.bool))
         self._clean, clean_mean = self._first_pass(clean, clean_idx, "clean")
@@ -245,6 +294,9 @@ class FinePruner:
         reached = self.conv.register_forward_hook(lambda *_: calls.append(1))
         was_training = self.model.training
         self.model.eval()
+        hits: list[Tensor] = []
+        active: list[Tensor] = []
+        start = 0
         try:
             for i, batch in enumerate(self._shard(loader)):
                 x, y, true = self.batch_to_xy(self._move(batch, dataloader_idx))
@@ -258,22 +310,26 @@ class FinePruner:
                     self._check_first_batch(x, y, logits, calls, recorder, what)
                     data.first_inputs = x
                 correct, total = count_correct(logits, y, true)
-                active = None
                 if crossing is not None:
                     cut = crossing[self.split.cut]
                     if cut.dim() < 2 or cut.shape[1] != self.num_channels:
                         self._fall_back(f"the value at the cut ({self.split.cut_name}) has shape {tuple(cut.shape)}")
                         crossing = None
                     else:
-                        active = cut.ne(0).transpose(0, 1).reshape(self.num_channels, -1).any(dim=1).cpu()
-                data.batches.append(_Batch(crossing, y, true, active, correct, total))
+                        hits.append(_hits(logits, y, true))
+                        active.append(cut.ne(0).flatten(2).any(dim=2))
+                        if i == 0 and self.incremental:
+                            self.incremental = self._exact_enough(crossing)
+                data.batches.append(_Batch(crossing, y, true, correct, total, start=start))
+                start += len(y)
         finally:
             reached.remove()
             recorder.close()
             self.model.train(was_training)
         if self.split is None:  # the fallback re-reads the loader for every mask; keep no tensors
-            for b in data.batches:
-                b.crossing = None
+            data.drop_cache()
+        elif data.batches:
+            self._gather(data, hits, active)
         # One reduce for the sums, one for the counts, on every process (a process with no batch of its own
         # adds zeros): the same collectives in the same order everywhere.
         local_sum = recorder.sum if recorder.sum is not None else torch.zeros(self.num_channels, dtype=torch.float64)
@@ -321,6 +377,30 @@ class FinePruner:
         if y is None:
             raise ValueError(f"the {what} batches carry no targets: FinePruner counts argmax == target")
 
+    def _exact_enough(self, crossing: tuple) -> bool:
+        """Running sums stand in for the readers only in full precision (not under autocast or in bf16/fp16),
+        and when every value crossing the cut is a per-sample tensor."""
+        cut = crossing[self.split.cut]
+        per_sample = all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == cut.shape[0] for v in crossing)
+        full = cut.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(cut.device.type)
+        return per_sample and full
+
+    def _gather(self, data: _Pass, hits: list[Tensor], active: list[Tensor]) -> None:
+        """Per-sample state of the whole pass; for running sums, the cut in float64 and the readers' outputs."""
+        data.hits, data.active = torch.cat(hits), torch.cat(active)
+        data.targets = torch.cat([b.targets.to(data.hits.device) for b in data.batches])
+        if all(b.true_labels is not None for b in data.batches):
+            data.true_labels = torch.cat([b.true_labels.to(data.hits.device) for b in data.batches])
+        if self.incremental:
+            index = self.split.cut
+            data.cut = torch.cat([b.crossing[index] for b in data.batches]).double()
+            data.others = [
+                torch.cat([b.crossing[i] for b in data.batches])
+                for i in range(len(data.batches[0].crossing))
+                if i != index
+            ]
+            data.sums = [reader.full(data.cut) for reader in self.split.readers]
+
     def _fall_back(self, reason: str) -> None:
         warnings.warn(
             f"FinePruner: the prune curve re-evaluates the whole network at every step ({reason})",
@@ -330,46 +410,65 @@ class FinePruner:
         self.split = None
 
     def _verify_split(self) -> None:
-        """The cut must give exactly the whole network's logits, unmasked and with half the channels masked."""
+        """The cut must give exactly the whole network's logits, unmasked and with half the channels masked.
+
+        Checked on ``CHECK_SAMPLES`` of the first batch; the running sums must agree to ``SUMS_TOLERANCE``.
+        """
         if not self._clean.batches:  # nothing to check here; the processes that hold batches vote
             return
-        order = self.pruning_order()
-        first = self._clean.batches[0]
+        half = self.pruning_order()[: self.num_channels // 2]
         keep = torch.ones(self.num_channels, dtype=torch.bool)
-        keep[order[: self.num_channels // 2]] = False
+        keep[half] = False
+        everything = torch.ones(self.num_channels, dtype=torch.bool)
+        x = self._clean.first_inputs[:CHECK_SAMPLES]
         was_training = self.model.training
         self.model.eval()
         try:
             with self.forward_context():
                 set_channel_mask(self.modules, keep)
-                whole_masked = self.model(self._clean.first_inputs)
-                set_channel_mask(self.modules, torch.ones(self.num_channels, dtype=torch.bool))
-                whole = self.model(self._clean.first_inputs)
-                cut_masked = self._tail(first, keep)
-                cut = self._tail(first, torch.ones(self.num_channels, dtype=torch.bool))
+                whole_masked = self.model(x)
+                set_channel_mask(self.modules, everything)
+                whole = self.model(x)
+                crossing = self.split.head(x)
+                cut_masked = self._masked_tail(crossing, keep)
+                cut = self._masked_tail(crossing, everything)
+                if self.incremental:
+                    value = crossing[self.split.cut]
+                    sums = [r.full(value) - r.contribution(value[:, half], half) for r in self.split.readers]
+                    others = [v for i, v in enumerate(crossing) if i != self.split.cut]
+                    summed = self.split.rest(*others, *[s.to(value.dtype) for s in sums])
         finally:
             self.model.train(was_training)
         if not (torch.equal(whole, cut) and torch.equal(whole_masked, cut_masked)):
             self._drop_cache()
             self._fall_back(f"the split at {self.split.cut_name} does not give the whole network's logits")
+        elif self.incremental:
+            tolerance = SUMS_TOLERANCE * float(whole_masked.abs().max())
+            if not torch.allclose(summed, whole_masked, rtol=0, atol=tolerance):
+                log.info("FinePruner: running sums disagree with the network; re-running %s", self.split.cut_name)
+                self.incremental = False
+                for data in (self._clean, self._triggered):
+                    if data is not None:
+                        data.cut = data.others = data.sums = None
 
     def _drop_cache(self) -> None:
         for data in (self._clean, self._triggered):
-            for b in data.batches if data else []:
-                b.crossing = None
+            if data is not None:
+                data.drop_cache()
+
+    def _masked_tail(self, crossing: tuple, keep: Tensor, out: Tensor | None = None) -> Tensor:
+        # Other values crossing the cut (skip connections) are copied: the tail may work on them in place.
+        values = [v.clone() if isinstance(v, Tensor) and i != self.split.cut else v for i, v in enumerate(crossing)]
+        cut = crossing[self.split.cut]
+        mask = keep.to(cut.device, cut.dtype).view(1, -1, *([1] * (cut.dim() - 2)))
+        values[self.split.cut] = torch.mul(cut, mask, out=out)
+        return self.split.tail(*values)
 
     def _tail(self, batch: _Batch, keep: Tensor) -> Tensor:
-        # Other values crossing the cut (skip connections) are copied: the tail may work on them in place. The
-        # masked map is written into a buffer kept per batch: fresh allocations dominate the tail's cost on CPU.
-        values = [
-            v.clone() if isinstance(v, Tensor) and i != self.split.cut else v for i, v in enumerate(batch.crossing)
-        ]
-        cut = batch.crossing[self.split.cut]
+        # The masked map is written into a buffer kept per batch: fresh allocations dominate the tail's cost on CPU.
         if batch.buffer is None:
-            batch.buffer = torch.empty_like(cut)
-        mask = keep.to(cut.device, cut.dtype).view(1, -1, *([1] * (cut.dim() - 2)))
-        values[self.split.cut] = torch.mul(cut, mask, out=batch.buffer)
-        return self.split.tail(*values)
+            batch.buffer = torch.empty_like(batch.crossing[self.split.cut])
+        return self._masked_tail(batch.crossing, keep, out=batch.buffer)
 
     # ----------------------------------------------------------------- curve
     @torch.no_grad()
@@ -413,10 +512,11 @@ class FinePruner:
     def _rate(self, data: _Pass, keep: Tensor, newly: list[int]) -> float:
         if newly:
             if self.split is not None:
-                for b in data.batches:
-                    if bool(b.active[newly].any()):  # else: same input to the tail, same answer
+                if data.batches:
+                    moved = data.active[:, newly].any(dim=1)  # the other samples: same input, same answer
+                    if bool(moved.any()):
                         with self.forward_context():
-                            b.correct = count_correct(self._tail(b, keep), b.targets, b.true_labels)[0]
+                            self._update(data, keep, newly, moved)
             else:
                 for b, batch in zip(data.batches, self._shard(data.loader), strict=False):
                     x, y, true = self.batch_to_xy(self._move(batch, data.dataloader_idx))
@@ -424,6 +524,40 @@ class FinePruner:
                         b.correct, b.total = count_correct(self.model(x), y, true)
         both = self.reduce(torch.tensor([data.correct, data.total], dtype=torch.float64, device=self._device()))
         return float(both[0] / both[1]) if float(both[1]) else float("nan")
+
+    def _update(self, data: _Pass, keep: Tensor, newly: list[int], moved: Tensor) -> None:
+        """New answers of the samples whose input to the tail moved when ``newly`` were masked."""
+        exact = moved
+        if self.incremental:
+            rows = None if bool(moved.all()) else moved.nonzero().squeeze(1)
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            part = pick(data.cut[:, newly])
+            for total, reader in zip(data.sums, self.split.readers, strict=True):
+                if rows is None:
+                    total.sub_(reader.contribution(part, newly))
+                else:
+                    total.index_add_(0, rows, reader.contribution(part, newly), alpha=-1)
+            dtype = data.batches[0].crossing[self.split.cut].dtype
+            others = [pick(v).clone() if rows is None else pick(v) for v in data.others]
+            logits = self.split.rest(*others, *[pick(s).to(dtype) for s in data.sums])
+            true = None if data.true_labels is None else pick(data.true_labels)
+            hits = _hits(logits, pick(data.targets), true)
+            if rows is None:
+                data.hits = hits
+            else:
+                data.hits[rows] = hits
+            ties = _near_ties(logits)
+            exact = torch.zeros_like(moved)
+            if rows is None:
+                exact = ties
+            else:
+                exact[rows] = ties
+        if bool(exact.any()):  # the batches holding them, exactly as the whole network computes them
+            for b in data.batches:
+                size = len(b.targets)
+                if bool(exact[b.start : b.start + size].any()):
+                    data.hits[b.start : b.start + size] = _hits(self._tail(b, keep), b.targets, b.true_labels)
+                    self.exact_tail_runs += 1
 
     # ----------------------------------------------------------------- choose, mask, export
     def choose(self) -> int:
