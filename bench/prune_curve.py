@@ -6,14 +6,20 @@ re-run at ~64 points, ``fast=False``), with its per-channel cost extrapolated. T
 initialised (seed 0) and read random inputs of the task's shape, labelled with the network's own answers so the
 curve falls from 100%: dense activations, so no batch can skip a step (the worst case for the cache).
 
-    python bench/prune_curve.py [--threads 2] [--skip-old]
+Trained networks have sparse maps at the cut (a channel is zero for many samples), which the curve skips
+sample by sample: ``--runs`` measures the same on finished training runs (their val data and weights, as
+``defend.py`` would prune them).
+
+    python bench/prune_curve.py [--threads 2] [--skip-old] [--runs RUN_DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,7 +27,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab.defenses.pruner import FinePruner
 from backdoor_lab.defenses.pruning import run_batches
-from backdoor_lab.masks import fold_prune_masks
 from backdoor_lab.models.deepid import DeepID
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 from backdoor_lab.models.traffic_cnn import TrafficSignCNN
@@ -46,10 +51,47 @@ def loaders(net: nn.Module, shape: tuple[int, ...], n: int) -> tuple[DataLoader,
     return out[0], out[1]
 
 
+def trained(run_dir: Path) -> tuple[str, nn.Module, DataLoader, DataLoader, str, str | None]:
+    """A finished training run's network, clean and triggered val loaders, pruned and ranking layers."""
+    from omegaconf import OmegaConf
+
+    from backdoor_lab.checkpoints import load_weights
+    from backdoor_lab.pipeline import attack_variant, build_datamodule, build_model, task_name
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    dm = build_datamodule(cfg, fit_on="defender_clean")
+    model = build_model(cfg, dm.num_classes).eval()
+    load_weights(model, run_dir / "model.safetensors")
+    rank = None if model.rank_layer == model.prune_layer else model.rank_layer
+    name = f"trained {task_name(cfg)} {attack_variant(cfg)}, seed {cfg.seed}"
+    return name, model, dm.clean_val_dataloader(), dm.triggered_val_dataloader(), model.prune_layer, rank
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+Case = tuple[str, Callable[[], nn.Module], DataLoader, DataLoader, str, str | None]
+
+
+def random_cases() -> list[Case]:
+    cases = []
+    for name, make, shape, layer, stat, n in MODELS:
+        torch.manual_seed(0)
+        net = make().eval()
+        clean, triggered = loaders(net, shape, n)
+        cases.append((name, lambda net=net: copy.deepcopy(net), clean, triggered, layer, stat))
+    return cases
+
+
+def trained_cases(run_dirs: list[Path]) -> list[Case]:
+    cases = []
+    for run_dir in run_dirs:
+        name, net, clean, triggered, layer, stat = trained(run_dir)
+        cases.append((name, lambda net=net: copy.deepcopy(net), clean, triggered, layer, stat))
+    return cases
 
 
 def main() -> None:
@@ -57,19 +99,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-old", action="store_true", help="skip the slow old-way measurement")
     parser.add_argument("--old-points", type=int, default=8, help="old way: time this many of its ~64 points")
+    parser.add_argument("--runs", type=Path, nargs="*", default=[], help="finished training runs to measure too")
+    parser.add_argument("--skip-random", action="store_true", help="only the --runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
-        "| network | channels | one plain pass | per-channel curve (cached) | ratio "
+        "| network | channels | one plain pass | per-channel curve (cached) | ratio | exact tail runs "
         "| old way (~64 points) | old, per channel |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for name, make, shape, layer, stat, n in MODELS:
-        torch.manual_seed(0)
-        net = make().eval()
-        clean, triggered = loaders(net, shape, n)
+    print("|---|---|---|---|---|---|---|---|")
+    cases = ([] if args.skip_random else random_cases()) + trained_cases(args.runs)
+    for name, make, clean, triggered, layer, stat in cases:
+        net = make()
         run_batches(net, clean, torch.device("cpu"))  # warm-up
         plain, _ = timed(
             lambda net=net, clean=clean, triggered=triggered: (
@@ -81,15 +124,13 @@ def main() -> None:
         fast, _ = timed(lambda p=pruner, c=clean, t=triggered: (p.rank(c, t), p.measure_curve()))
         channels = pruner.num_channels
         fast_curve = {p["pruned"]: (p["clean_acc"], p["asr"]) for p in pruner.prune_curve}
+        mode = "running sums" if pruner.incremental else "cached tail" if pruner.split else "full"
         old_cell = per_channel_cell = "-"
         if not args.skip_old:
-            torch.manual_seed(0)
-            fresh = make().eval()
-            fresh.load_state_dict(fold_prune_masks(net.state_dict()))  # the fast run left all-ones masks
             step = max(1, channels // 64)  # the old default: about 64 points, each a whole-network pass
             points_total = len(range(0, channels, step))
             old = FinePruner(
-                fresh,
+                make(),
                 layer,
                 activation_layer=stat,
                 fast=False,
@@ -105,8 +146,8 @@ def main() -> None:
             )
             per_channel_cell = f"~{per_point * channels:.0f} s ({per_point * channels / plain:.0f}x)"
         print(
-            f"| {name} | {channels} | {plain:.2f} s | {fast:.2f} s | **{fast / plain:.2f}x** | {old_cell} | "
-            f"{per_channel_cell} |"
+            f"| {name} | {channels} | {plain:.2f} s | {fast:.2f} s ({mode}) | **{fast / plain:.2f}x** | "
+            f"{pruner.exact_tail_runs} | {old_cell} | {per_channel_cell} |"
         )
 
 

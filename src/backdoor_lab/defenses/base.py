@@ -46,7 +46,7 @@ class PruneSettings:
         rank_layer: the module whose output ranks the channels (None: the model's ``rank_layer``).
         prune_ratio: prune exactly this fraction, in [0, 1); None = the stop rule.
         max_accuracy_drop: stop rule: keep the last mask whose clean val accuracy stays within this of the start.
-        step: channels per measured point of the curve (None: about 64 points).
+        step: channels per measured point of the curve (None: every count; about 64 points without the cut).
         full_curve: measure the whole curve past the stop point (the kept mask is unchanged).
         max_batches: cap on batches per pass over the clean data (None: all).
     """
