@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from backdoor_lab.nested import flatten
 from backdoor_lab.reporting.files import write_replace
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,6 @@ NOT_TRAINING = (
 MODEL_DEFINING = ("data", "attack", "model", "seed", "pruning_aware")
 TRAIN_METRICS = "metrics.json"
 MODEL_FILE = "model.safetensors"
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts/lists -> ``{"a.b.c": value}`` (lists kept whole, as values)."""
-    if isinstance(node, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
 
 
 def training_config(cfg: DictConfig) -> dict[str, Any]:

@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from backdoor_lab.nested import flatten  # noqa: E402
 from backdoor_lab.reporting.files import atomic_path, write_replace  # noqa: E402
 
 JOB_FILE = "job.json"
@@ -100,16 +101,6 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
     return parsed
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     with open(path) as fh:
         return json.load(fh)
@@ -128,7 +119,7 @@ def _prune_ratio(metrics: Mapping[str, Any], overrides: Mapping[str, str]) -> fl
     The shortest config key wins (``prune.prune_ratio`` over ``defense.prune.prune_ratio``, the same value);
     an override is the fallback for a metrics.json that does not record its config.
     """
-    config = _flatten(metrics.get("config") or {})
+    config = flatten(metrics.get("config") or {})
     keys = sorted((k for k in config if k.split(".")[-1] == "prune_ratio"), key=lambda k: (k.count("."), k))
     if keys:
         value = config[keys[0]]
