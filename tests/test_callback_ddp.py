@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab import FinePruningCallback
 from tests.test_pruning import PlainModule
+from tests.trainers import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 8
@@ -105,19 +106,8 @@ class Report(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
-def _trainer(out: Path, callbacks: list, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=out,
-        **kw,
-    )
+def _trainer(out: Path, callbacks: list, max_epochs: int = 0, **kw) -> L.Trainer:
+    return quiet_trainer(out, callbacks, max_epochs, num_sanity_val_steps=0, limit_val_batches=0, **kw)
 
 
 def main(strategy: str, curve: str, out: Path) -> None:

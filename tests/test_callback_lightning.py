@@ -12,19 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab import FinePruningCallback
 from tests.test_pruning import PlainModule, known_data
+from tests.trainers import quiet_trainer
 
-
-def _trainer(tmp_path, callbacks, epochs: int = 0, **kw) -> L.Trainer:
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+_trainer = quiet_trainer
 
 
 class DictBatchModule(PlainModule):

@@ -42,6 +42,7 @@ from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.models.deepid import DeepID
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 from backdoor_lab.models.traffic_cnn import TrafficSignCNN
+from tests.trainers import quiet_trainer
 
 TARGET = 0  # the attacker's class in every test here
 MAX_DROP = 0.04  # the stop rule's accuracy budget, as conf/defense
@@ -81,17 +82,7 @@ class DefenderData(L.LightningDataModule):
 
 
 def make_trainer(callbacks: list, epochs: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
+    return quiet_trainer(None, callbacks, epochs, num_sanity_val_steps=0, deterministic=True)
 
 
 def apply_defense(
