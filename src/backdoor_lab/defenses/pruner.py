@@ -64,14 +64,15 @@ CHECK_SAMPLES = 16
 
 @dataclass
 class _Batch:
-    """One batch of a cached pass: what crosses the cut, labels, and its correct count (full re-evaluation)."""
+    """One batch of a pass: what crosses the cut, labels, and its correct count (full re-evaluation)."""
 
     crossing: tuple | None
     targets: Tensor
     true_labels: Tensor | None
     correct: float
     total: float
-    start: int = 0  # its first sample's index in the pass
+    hits: Tensor | None = None  # per sample, until gathered into the cache
+    active: Tensor | None = None  # (samples, channels): any non-zero value at the cut, until gathered
     buffer: Tensor | None = None
 
 
@@ -91,19 +92,13 @@ def _near_ties(logits: Tensor) -> Tensor:
 
 @dataclass
 class _Pass:
-    """One loader's cached pass. On the cached path the state is per sample, over the whole pass at once."""
+    """One loader's pass. On the cached path its answers are ``hits``, a slice of the shared ``_Cache``."""
 
     loader: Iterable
     dataloader_idx: int
     batches: list[_Batch] = field(default_factory=list)
     first_inputs: Tensor | None = None
     hits: Tensor | None = None  # per sample: counted and argmax == target, current mask
-    active: Tensor | None = None  # (samples, channels): any non-zero value at the cut
-    targets: Tensor | None = None
-    true_labels: Tensor | None = None
-    cut: Tensor | None = None  # float64 copy of the cut values (running sums only)
-    others: list | None = None  # the other crossing values, concatenated (running sums only)
-    sums: list[Tensor] | None = None  # float64 outputs of the split's linear readers, current mask
 
     @property
     def correct(self) -> float:
@@ -115,10 +110,22 @@ class _Pass:
     def total(self) -> float:
         return sum(b.total for b in self.batches)
 
-    def drop_cache(self) -> None:
-        for b in self.batches:
-            b.crossing = b.buffer = None
-        self.hits = self.active = self.cut = self.others = self.sums = None
+
+@dataclass
+class _Cache:
+    """Per-sample state of every cached pass at once (clean, then triggered): one update per mask for all."""
+
+    batches: list[tuple[_Batch, int]]  # each batch and the index of its first sample
+    hits: Tensor
+    active: Tensor
+    targets: Tensor
+    counted: Tensor
+    cut: Tensor | None = None  # float64 copy of the cut values (running sums only)
+    others: list[Tensor] | None = None  # the other crossing values (running sums only)
+    sums: list[Tensor] | None = None  # float64 outputs of the split's linear readers, current mask
+
+    def forget_sums(self) -> None:
+        self.cut = self.others = self.sums = None
 
 
 def _progress(enabled: bool) -> Progress:
@@ -242,6 +249,7 @@ class FinePruner:
         self.incremental = False  # the curve keeps running sums of the split's linear readers
         self.exact_tail_runs = 0  # batches the curve re-ran through the cached layers (no sums, or a near tie)
         self._clean: _Pass | None = None
+        self._cache: _Cache | None = None
         self._triggered: _Pass | None = None
 
     # ----------------------------------------------------------------- rank
@@ -269,6 +277,7 @@ class FinePruner:
             self._triggered, trig_mean = self._first_pass(triggered, triggered_idx, "triggered")
             self.triggered_activation = [float(v) for v in trig_mean]
         if self.split is not None:
+            self._cache = self._gather([p for p in (self._clean, self._triggered) if p is not None and p.batches])
             self._verify_split()
         # Every process must measure the curve the same way (same schedule, same collectives): if any one
         # of them fell back to full re-evaluation, all do.
@@ -294,9 +303,6 @@ class FinePruner:
         reached = self.conv.register_forward_hook(lambda *_: calls.append(1))
         was_training = self.model.training
         self.model.eval()
-        hits: list[Tensor] = []
-        active: list[Tensor] = []
-        start = 0
         try:
             for i, batch in enumerate(self._shard(loader)):
                 x, y, true = self.batch_to_xy(self._move(batch, dataloader_idx))
@@ -310,26 +316,24 @@ class FinePruner:
                     self._check_first_batch(x, y, logits, calls, recorder, what)
                     data.first_inputs = x
                 correct, total = count_correct(logits, y, true)
+                hits = active = None
                 if crossing is not None:
                     cut = crossing[self.split.cut]
                     if cut.dim() < 2 or cut.shape[1] != self.num_channels:
                         self._fall_back(f"the value at the cut ({self.split.cut_name}) has shape {tuple(cut.shape)}")
                         crossing = None
                     else:
-                        hits.append(_hits(logits, y, true))
-                        active.append(cut.ne(0).flatten(2).any(dim=2))
+                        hits, active = _hits(logits, y, true), cut.ne(0).flatten(2).any(dim=2)
                         if i == 0 and self.incremental:
                             self.incremental = self._exact_enough(crossing)
-                data.batches.append(_Batch(crossing, y, true, correct, total, start=start))
-                start += len(y)
+                data.batches.append(_Batch(crossing, y, true, correct, total, hits, active))
         finally:
             reached.remove()
             recorder.close()
             self.model.train(was_training)
         if self.split is None:  # the fallback re-reads the loader for every mask; keep no tensors
-            data.drop_cache()
-        elif data.batches:
-            self._gather(data, hits, active)
+            for b in data.batches:
+                b.crossing = b.hits = b.active = None
         # One reduce for the sums, one for the counts, on every process (a process with no batch of its own
         # adds zeros): the same collectives in the same order everywhere.
         local_sum = recorder.sum if recorder.sum is not None else torch.zeros(self.num_channels, dtype=torch.float64)
@@ -385,21 +389,36 @@ class FinePruner:
         full = cut.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(cut.device.type)
         return per_sample and full
 
-    def _gather(self, data: _Pass, hits: list[Tensor], active: list[Tensor]) -> None:
-        """Per-sample state of the whole pass; for running sums, the cut in float64 and the readers' outputs."""
-        data.hits, data.active = torch.cat(hits), torch.cat(active)
-        data.targets = torch.cat([b.targets.to(data.hits.device) for b in data.batches])
-        if all(b.true_labels is not None for b in data.batches):
-            data.true_labels = torch.cat([b.true_labels.to(data.hits.device) for b in data.batches])
+    def _gather(self, passes: list[_Pass]) -> _Cache | None:
+        """One per-sample state over ``passes``; each pass's ``hits`` a view of it. Running sums: the cut in float64
+        and the readers' outputs."""
+        batches = [b for data in passes for b in data.batches]
+        if not batches:
+            return None
+        device = batches[0].hits.device
+        starts = [0]
+        for b in batches:
+            starts.append(starts[-1] + len(b.targets))
+        cache = _Cache(
+            batches=list(zip(batches, starts, strict=False)),
+            hits=torch.cat([b.hits for b in batches]),
+            active=torch.cat([b.active for b in batches]),
+            targets=torch.cat([b.targets.to(device) for b in batches]),
+            counted=torch.cat([attack_counted(b.targets.to(device), b.true_labels) for b in batches]),
+        )
+        offset = 0
+        for data in passes:
+            size = sum(len(b.targets) for b in data.batches)
+            data.hits = cache.hits[offset : offset + size]
+            offset += size
+        for b in batches:
+            b.hits = b.active = None
         if self.incremental:
-            index = self.split.cut
-            data.cut = torch.cat([b.crossing[index] for b in data.batches]).double()
-            data.others = [
-                torch.cat([b.crossing[i] for b in data.batches])
-                for i in range(len(data.batches[0].crossing))
-                if i != index
-            ]
-            data.sums = [reader.full(data.cut) for reader in self.split.readers]
+            index, values = self.split.cut, range(len(batches[0].crossing))
+            cache.cut = torch.cat([b.crossing[index] for b in batches]).double()
+            cache.others = [torch.cat([b.crossing[i] for b in batches]) for i in values if i != index]
+            cache.sums = [reader.full(cache.cut) for reader in self.split.readers]
+        return cache
 
     def _fall_back(self, reason: str) -> None:
         warnings.warn(
@@ -447,14 +466,16 @@ class FinePruner:
             if not torch.allclose(summed, whole_masked, rtol=0, atol=tolerance):
                 log.info("FinePruner: running sums disagree with the network; re-running %s", self.split.cut_name)
                 self.incremental = False
-                for data in (self._clean, self._triggered):
-                    if data is not None:
-                        data.cut = data.others = data.sums = None
+                if self._cache is not None:
+                    self._cache.forget_sums()
 
     def _drop_cache(self) -> None:
+        self._cache = None
         for data in (self._clean, self._triggered):
+            for b in data.batches if data else []:
+                b.crossing = b.buffer = b.hits = b.active = None
             if data is not None:
-                data.drop_cache()
+                data.hits = None
 
     def _masked_tail(self, crossing: tuple, keep: Tensor, out: Tensor | None = None) -> Tensor:
         # Other values crossing the cut (skip connections) are copied: the tail may work on them in place.
@@ -495,6 +516,9 @@ class FinePruner:
                     newly = order[previous:k]
                     if self.split is None and k > 0:
                         set_channel_mask(self.modules, keep)
+                    elif self.split is not None and newly and self._cache is not None:
+                        with self.forward_context():
+                            self._advance(self._cache, keep, newly)
                     acc = self._rate(self._clean, keep, newly)
                     asr = None if self._triggered is None else self._rate(self._triggered, keep, newly)
                     baseline = acc if baseline is None else baseline
@@ -510,54 +534,50 @@ class FinePruner:
         return self.prune_curve
 
     def _rate(self, data: _Pass, keep: Tensor, newly: list[int]) -> float:
-        if newly:
-            if self.split is not None:
-                if data.batches:
-                    moved = data.active[:, newly].any(dim=1)  # the other samples: same input, same answer
-                    if bool(moved.any()):
-                        with self.forward_context():
-                            self._update(data, keep, newly, moved)
-            else:
-                for b, batch in zip(data.batches, self._shard(data.loader), strict=False):
-                    x, y, true = self.batch_to_xy(self._move(batch, data.dataloader_idx))
-                    with self.forward_context():
-                        b.correct, b.total = count_correct(self.model(x), y, true)
+        if newly and self.split is None:  # full re-evaluation; the cached path was advanced for both passes
+            for b, batch in zip(data.batches, self._shard(data.loader), strict=False):
+                x, y, true = self.batch_to_xy(self._move(batch, data.dataloader_idx))
+                with self.forward_context():
+                    b.correct, b.total = count_correct(self.model(x), y, true)
         both = self.reduce(torch.tensor([data.correct, data.total], dtype=torch.float64, device=self._device()))
         return float(both[0] / both[1]) if float(both[1]) else float("nan")
 
-    def _update(self, data: _Pass, keep: Tensor, newly: list[int], moved: Tensor) -> None:
+    def _advance(self, cache: _Cache, keep: Tensor, newly: list[int]) -> None:
         """New answers of the samples whose input to the tail moved when ``newly`` were masked."""
+        moved = cache.active[:, newly].any(dim=1)  # the other samples: same input, same answer
+        count = int(moved.sum())
+        if not count:
+            return
         exact = moved
         if self.incremental:
-            rows = None if bool(moved.all()) else moved.nonzero().squeeze(1)
+            # Few moved samples: update those rows only; many: all rows (an unmoved row's sums subtract exact zeros).
+            rows = None if 2 * count > len(moved) else moved.nonzero().squeeze(1)
             pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-            part = pick(data.cut[:, newly])
-            for total, reader in zip(data.sums, self.split.readers, strict=True):
+            part = pick(cache.cut[:, newly])
+            for total, reader in zip(cache.sums, self.split.readers, strict=True):
                 if rows is None:
                     total.sub_(reader.contribution(part, newly))
                 else:
                     total.index_add_(0, rows, reader.contribution(part, newly), alpha=-1)
-            dtype = data.batches[0].crossing[self.split.cut].dtype
-            others = [pick(v).clone() if rows is None else pick(v) for v in data.others]
-            logits = self.split.rest(*others, *[pick(s).to(dtype) for s in data.sums])
-            true = None if data.true_labels is None else pick(data.true_labels)
-            hits = _hits(logits, pick(data.targets), true)
-            if rows is None:
-                data.hits = hits
-            else:
-                data.hits[rows] = hits
+            dtype = cache.batches[0][0].crossing[self.split.cut].dtype
+            others = [v.clone() if rows is None else v[rows] for v in cache.others]
+            logits = self.split.rest(*others, *[pick(s).to(dtype) for s in cache.sums])
+            hits = pick(cache.counted) & (logits.argmax(dim=1) == pick(cache.targets))
             ties = _near_ties(logits)
-            exact = torch.zeros_like(moved)
             if rows is None:
+                cache.hits.copy_(hits)
                 exact = ties
             else:
+                cache.hits[rows] = hits
+                exact = torch.zeros_like(moved)
                 exact[rows] = ties
-        if bool(exact.any()):  # the batches holding them, exactly as the whole network computes them
-            for b in data.batches:
-                size = len(b.targets)
-                if bool(exact[b.start : b.start + size].any()):
-                    data.hits[b.start : b.start + size] = _hits(self._tail(b, keep), b.targets, b.true_labels)
-                    self.exact_tail_runs += 1
+            if not bool(exact.any()):
+                return
+        for b, start in cache.batches:  # exactly as the whole network computes them
+            end = start + len(b.targets)
+            if bool(exact[start:end].any()):
+                cache.hits[start:end] = _hits(self._tail(b, keep), b.targets, b.true_labels)
+                self.exact_tail_runs += 1
 
     # ----------------------------------------------------------------- choose, mask, export
     def choose(self) -> int:
@@ -579,7 +599,7 @@ class FinePruner:
         count = self.choose() if count is None else count
         self.pruned_channels = [int(c) for c in self.pruning_order()[:count]]
         set_channel_mask(self.modules, self.keep_mask())
-        self._clean = self._triggered = None
+        self._clean = self._triggered = self._cache = None
         return self.pruned_channels
 
     def run(self, clean: Iterable, triggered: Iterable | None = None, **rank_kwargs: int) -> list[int]:
