@@ -158,6 +158,7 @@ def test_every_result_records_what_produced_it(experiment: str, jobs: dict[str, 
     assert trained["checkpoint"] == str(job / "model.safetensors") and (job / "model.safetensors").is_file()
     status = read_json(job / "job.json")
     assert status["status"] == "done" and status["defenses"] == ["none", "fine_tuning", "pruning", "fine_pruning"]
+    assert status["started"] <= status["finished"] and status["wall_s"] > 0  # ISO times in UTC sort as text
     for name in status["defenses"]:
         result = read_json(job / "defense" / name / "metrics.json")
         assert result["defense"] == name and result["train_run"] == str(job)

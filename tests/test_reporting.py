@@ -14,7 +14,7 @@ import pytest
 
 from backdoor_lab.reporting import NoRunsError, summarize
 from backdoor_lab.reporting.cli import main as cli_main
-from backdoor_lab.reporting.table import format_mean_std
+from backdoor_lab.reporting.table import format_duration, format_mean_std
 
 from .conftest import ROOT
 
@@ -89,6 +89,7 @@ def _defense(
 def _job(job_dir: Path, overrides: list[str], defenses: list[str], train_run: Path, status="done", error=None) -> None:
     _hydra_job(job_dir, overrides)
     job = {"status": status, "error": error, "defenses": defenses, "overrides": overrides, "train_run": str(train_run)}
+    job["wall_s"] = 600.5  # ten minutes each
     _write(job_dir / "job.json", job)
 
 
@@ -159,6 +160,13 @@ def test_summary_table_mean_std_over_seeds_with_failed_and_missing_jobs(sweep: P
     ]
     assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (sweep / "prune_ratio.png").exists()  # no prune ratio varies here
+    # Six jobs recorded their wall time (the seventh never wrote job.json).
+    assert "Wall time: 1 h 00 min, the sum of 6 jobs' own times (job.json)." in text
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(7, "7 s"), (125, "2 min 05 s"), (3725, "1 h 02 min")])
+def test_durations_read_as_hours_minutes_seconds(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
 
 
 def test_summary_csv_one_row_per_defense_result(sweep: Path) -> None:

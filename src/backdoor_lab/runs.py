@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +122,8 @@ def train_run_of_checkpoint(path: Path) -> TrainRun | None:
 
 
 class JobRecord:
-    """``job.json`` of one job: which defenses it was asked for, and whether it finished or failed (and why).
+    """``job.json`` of one job: which defenses it was asked for, whether it finished or failed (and why), and
+    when it started and ended (``wall_s``: its own wall time, what the results table adds up).
 
     The results table lists a job that failed or lacks a defense it expected, instead of dropping it.
     """
@@ -133,7 +136,9 @@ class JobRecord:
             "defenses": list(defenses),
             "overrides": list(overrides),
             "train_run": None if train_run is None else str(train_run),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        self._clock = time.monotonic()
         self._write()
 
     def __enter__(self) -> JobRecord:
@@ -141,10 +146,14 @@ class JobRecord:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
         """``done`` when the job's work ended normally, else ``failed`` with the error (which propagates)."""
+        ended = {
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.monotonic() - self._clock, 1),
+        }
         if error is None:
-            self.update(status="done")
+            self.update(status="done", **ended)
         else:
-            self.update(status="failed", error=f"{type(error).__name__}: {error}")
+            self.update(status="failed", error=f"{type(error).__name__}: {error}", **ended)
 
     def update(self, **fields: Any) -> None:
         self.data.update({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})

@@ -86,6 +86,8 @@ class Runs:
     results: list[DefenseResult] = field(default_factory=list)
     problems: list[JobProblem] = field(default_factory=list)
     jobs: int = 0
+    wall_s: float = 0.0  # the jobs' own wall times (job.json), added up
+    timed_jobs: int = 0
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
@@ -238,6 +240,9 @@ def collect_runs(folder: str | Path, job_errors: Mapping[Path, str] | None = Non
         except UNREADABLE as err:
             runs.problems.append(JobProblem(job_dir, _hydra_overrides(job_dir), "unreadable", f"{job_path}: {err}", []))
             continue
+        if isinstance(job.get("wall_s"), int | float):
+            runs.wall_s += float(job["wall_s"])
+            runs.timed_jobs += 1
         overrides = parse_overrides(override_list)
         train_run = job.get("train_run")
         results, read_errors = [], []
@@ -376,6 +381,15 @@ def summary_csv(runs: Runs, keys: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``"1 h 02 min"``; ``125`` -> ``"2 min 05 s"``; ``7`` -> ``"7 s"``."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
 def summary_markdown(runs: Runs, keys: Sequence[str]) -> str:
     lines = [
         f"# Results: {runs.root}",
@@ -383,6 +397,9 @@ def summary_markdown(runs: Runs, keys: Sequence[str]) -> str:
         f"{runs.jobs} jobs, {len(runs.results)} defense results, {len(runs.problems)} failed or incomplete jobs. "
         "Test split; percent, mean ± sample std over seeds (number of runs).",
     ]
+    if runs.timed_jobs:
+        total = format_duration(runs.wall_s)
+        lines += ["", f"Wall time: {total}, the sum of {runs.timed_jobs} jobs' own times (job.json)."]
     for group in _groups(runs, keys):
         title = f"{group.task} · {group.attack_variant}"
         if keys:
