@@ -29,3 +29,16 @@ class Residual(nn.Module):
         skip = torch.relu(self.stem(x))
         out = self.conv_b(torch.relu(self.bn_a(self.conv_a(skip))))
         return self.head(torch.relu(out + skip).mean(dim=(2, 3)))
+
+
+class SigmoidNet(nn.Module):
+    """conv -> sigmoid -> linear on 3x6x6 inputs: a zeroed channel reaches the linear as 0.5, so slimming cannot
+    remove it, and the layer reading the conv is not linear in it, so the prune curve keeps no running sums."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.head = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.conv(x)).flatten(1))

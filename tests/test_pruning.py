@@ -19,7 +19,7 @@ from backdoor_lab.defenses.pruning import (
     set_channel_mask,
 )
 
-from .nets import Residual
+from .nets import Residual, SigmoidNet
 
 
 class KnownNet(nn.Module):
@@ -350,25 +350,13 @@ def test_residual_cut_carries_the_skip_and_the_masked_batchnorm() -> None:
     assert len(split.head.graph.find_nodes(op="output")[0].args[0]) == 2  # the cut and the skip
 
 
-class SquashedCut(nn.Module):
-    """conv -> sigmoid -> linear: the layer reading the cut is not linear in it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3)
-        self.head = nn.Linear(6 * 6 * 6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.sigmoid(self.conv(x)).flatten(1))
-
-
 def test_running_sums_need_readers_linear_in_the_cut() -> None:
     from backdoor_lab.defenses.network_split import split_network
     from backdoor_lab.models.deepid import DeepID
 
     split = split_network(DeepID(5), "conv3")
     assert [type(r.module).__name__ for r in split.readers] == ["Conv2d", "Linear"]  # conv4 and fc_pool3
-    squashed = split_network(SquashedCut(), "conv")
+    squashed = split_network(SigmoidNet(), "conv")
     assert squashed.readers is None and squashed.rest is None  # sigmoid reads the cut: re-run the tail per mask
 
 
@@ -376,8 +364,8 @@ def test_a_tail_without_linear_readers_still_equals_full_re_evaluation() -> None
     from backdoor_lab.defenses.pruner import FinePruner
 
     torch.manual_seed(0)
-    model = SquashedCut().eval()
-    x = torch.randn(32, 3, 8, 8) * torch.logspace(-1, 1, 32).view(-1, 1, 1, 1)
+    model = SigmoidNet().eval()
+    x = torch.randn(32, 3, 6, 6) * torch.logspace(-1, 1, 32).view(-1, 1, 1, 1)
     with torch.no_grad():
         loader = DataLoader(TensorDataset(x, model(x).argmax(1)), batch_size=8)
     curves = []

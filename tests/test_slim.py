@@ -20,7 +20,7 @@ from backdoor_lab.models.deepid import DeepID
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 from backdoor_lab.models.traffic_cnn import TrafficSignCNN
 
-from .nets import Residual
+from .nets import Residual, SigmoidNet
 
 REPORT_KEYS = {"params_dense", "params_slim", "bytes_dense", "bytes_slim", "latency_ms_dense", "latency_ms_slim"}
 
@@ -223,18 +223,6 @@ def test_channels_coupled_by_a_residual_add_are_refused() -> None:
     net, x = masked_residual("conv_b", [2, 3])
     with pytest.raises(ValueError, match=r"coupled to the outputs of \['stem'\]"):
         slim_model(net, "conv_b", [2, 3], x)
-
-
-class SigmoidNet(nn.Module):
-    """conv -> sigmoid -> linear: a zeroed channel reaches the linear as 0.5, so it cannot be removed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3)
-        self.head = nn.Linear(6 * 4 * 4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.sigmoid(self.conv(x)).flatten(1))
 
 
 def test_channels_made_non_zero_after_the_layer_are_refused() -> None:
