@@ -39,6 +39,7 @@ from backdoor_lab.defenses.pruning import (
     ChannelActivation,
     count_correct,
     fold_prune_masks,
+    hit_mask,
     masked_modules,
     move_to_device,
     prune_schedule,
@@ -74,12 +75,6 @@ class _Batch:
     hits: Tensor | None = None  # per sample, until gathered into the cache
     active: Tensor | None = None  # (samples, channels): any non-zero value at the cut, until gathered
     buffer: Tensor | None = None
-
-
-def _hits(logits: Tensor, targets: Tensor, true_labels: Tensor | None) -> Tensor:
-    """Per sample: counted (see ``attack_counted``) and argmax == target."""
-    targets = targets.to(logits.device)
-    return attack_counted(targets, true_labels) & (logits.argmax(dim=1) == targets)
 
 
 def _near_ties(logits: Tensor) -> Tensor:
@@ -323,7 +318,7 @@ class FinePruner:
                         self._fall_back(f"the value at the cut ({self.split.cut_name}) has shape {tuple(cut.shape)}")
                         crossing = None
                     else:
-                        hits, active = _hits(logits, y, true), cut.ne(0).flatten(2).any(dim=2)
+                        hits, active = hit_mask(logits, y, true), cut.ne(0).flatten(2).any(dim=2)
                         if i == 0 and self.incremental:
                             self.incremental = self._exact_enough(crossing)
                 data.batches.append(_Batch(crossing, y, true, correct, total, hits, active))
@@ -576,7 +571,7 @@ class FinePruner:
         for b, start in cache.batches:  # exactly as the whole network computes them
             end = start + len(b.targets)
             if bool(exact[start:end].any()):
-                cache.hits[start:end] = _hits(self._tail(b, keep), b.targets, b.true_labels)
+                cache.hits[start:end] = hit_mask(self._tail(b, keep), b.targets, b.true_labels)
                 self.exact_tail_runs += 1
 
     # ----------------------------------------------------------------- choose, mask, export

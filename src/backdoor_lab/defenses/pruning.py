@@ -24,6 +24,7 @@ __all__ = [
     "ChannelActivation",
     "EvalCounts",
     "count_correct",
+    "hit_mask",
     "fold_prune_masks",
     "following_batchnorm",
     "make_permanent",
@@ -152,11 +153,16 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
 
 
+def hit_mask(logits: Tensor, targets: Tensor, true_labels: Tensor | None = None) -> Tensor:
+    """Per sample: counted (see ``attack_counted``) and argmax == target."""
+    targets = targets.to(logits.device)
+    return attack_counted(targets, true_labels) & (logits.argmax(dim=1) == targets)
+
+
 def count_correct(logits: Tensor, targets: Tensor, true_labels: Tensor | None = None) -> tuple[float, float]:
     """(correct, counted) of argmax == target; samples already of the target class are not counted."""
-    targets = targets.to(logits.device)
-    counted = attack_counted(targets, true_labels)
-    return float((logits.argmax(dim=1)[counted] == targets[counted]).sum()), float(counted.sum())
+    counted = attack_counted(targets.to(logits.device), true_labels)
+    return float(hit_mask(logits, targets, true_labels).sum()), float(counted.sum())
 
 
 @torch.no_grad()
