@@ -300,7 +300,7 @@ def _built_in(name: str) -> tuple[nn.Module, tuple[int, ...], str, str | None]:
 
 @pytest.mark.parametrize("name", ["signs", "speech", "faces", "residual"])
 def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name, monkeypatch) -> None:
-    from backdoor_lab.defenses import pruner as pruner_module
+    from backdoor_lab.defenses import curve_cache
     from backdoor_lab.defenses.pruner import FinePruner
 
     torch.manual_seed(0)
@@ -321,12 +321,12 @@ def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name, mon
     fast_curve = fast.measure_curve()
     assert [p["pruned"] for p in fast_curve] == list(range(fast.num_channels))  # every count but all
     # The running sums alone, no near-tie sample sent to the exact tail: the same curve here too.
-    monkeypatch.setattr(pruner_module, "NEAR_TIE", 0.0)
+    monkeypatch.setattr(curve_cache, "NEAR_TIE", 0.0)
     sums_only = FinePruner(model, layer, activation_layer=stat, step=1, full_curve=True)
     sums_only.rank(clean, triggered)
     assert sums_only.measure_curve() == fast_curve and sums_only.exact_tail_runs == 0
     # Every moved sample sent to the exact tail: the same curve again (the two paths agree with each other).
-    monkeypatch.setattr(pruner_module, "NEAR_TIE", float("inf"))
+    monkeypatch.setattr(curve_cache, "NEAR_TIE", float("inf"))
     exact_only = FinePruner(model, layer, activation_layer=stat, step=1, full_curve=True)
     exact_only.rank(clean, triggered)
     assert exact_only.measure_curve() == fast_curve and exact_only.exact_tail_runs > 0

@@ -6,13 +6,13 @@ that masking the cached tensor equals masking the conv; skip connections that cr
 
 Where every reader of the cut value is linear in it (a ``Conv2d``, or a ``Linear`` over the flattened map), the
 tail is split once more into those readers and the ``rest``: a pruned channel then moves the readers' outputs by
-one term each (``LinearReader.contribution``), and only the rest is re-run per mask.
+one term each (``LinearReader.subtract``), and only the rest is re-run per mask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
@@ -48,30 +48,79 @@ class CannotCutError(RuntimeError):
     """The network cannot be split at the pruned layer; the curve is measured by full re-evaluation."""
 
 
+# A reader's per-channel maps (one channel's values -> the reader's flattened output) are kept as float64
+# matrices when all of them together have at most this many entries (64 MiB); larger readers compute each term
+# from the weight instead (a float64 convolution, or a slice of the Linear weight).
+MATRIX_LIMIT = 1 << 23
+
+
 @dataclass
 class LinearReader:
-    """A layer right after the cut that is linear in the cut value: a ``Conv2d``, or a ``Linear`` over its flatten."""
+    """A layer right after the cut that is linear in the cut value: a ``Conv2d``, or a ``Linear`` over its flatten.
+
+    The curve keeps its output as a float64 running sum, flattened per sample; masking channels subtracts their
+    term. Each channel's term is one matrix product with its map (built once and kept): on CPU about half the cost
+    of the float64 convolution it replaces, and fused with the subtraction.
+    """
 
     module: nn.Conv2d | nn.Linear
+    _maps: dict[int, Tensor] | None = field(default=None, init=False, repr=False)
 
-    def full(self, cut: Tensor) -> Tensor:
-        """The layer's output, in float64 (the running sums of the curve start from it)."""
-        weight, bias = self.module.weight.double(), self.module.bias
-        bias = None if bias is None else bias.double()
-        if isinstance(self.module, nn.Conv2d):
-            m = self.module
-            return F.conv2d(cut.double(), weight, bias, m.stride, m.padding, m.dilation)
-        return F.linear(cut.double().flatten(1), weight, bias)
+    def output(self, cut: Tensor) -> Tensor:
+        """The layer's own output on the cut value, as the tail computes it."""
+        return self.module(cut if isinstance(self.module, nn.Conv2d) else cut.flatten(1))
 
     def contribution(self, part: Tensor, channels: list[int]) -> Tensor:
-        """What ``part`` = ``cut[:, channels]`` adds to the layer's output (float64): masking them subtracts this."""
+        """What ``part`` = ``cut[:, channels]`` adds to the flattened output (float64): masking them subtracts this."""
         part = part.double()
-        weight = self.module.weight
-        if isinstance(self.module, nn.Conv2d):
-            m = self.module
-            return F.conv2d(part, weight[:, channels].double(), None, m.stride, m.padding, m.dilation)
+        maps = self._channel_maps(part.shape[2:], channels)
+        if maps is not None:
+            return part.reshape(part.shape[0], -1) @ maps
+        m, weight = self.module, self.module.weight.detach()
+        if isinstance(m, nn.Conv2d):
+            return F.conv2d(part, weight[:, channels].double(), None, m.stride, m.padding, m.dilation).flatten(1)
         per_channel = weight.view(weight.shape[0], -1, part[0, 0].numel())[:, channels].double()
         return part.reshape(part.shape[0], -1) @ per_channel.reshape(weight.shape[0], -1).T
+
+    def subtract(self, total: Tensor, part: Tensor, channels: list[int], rows: Tensor | None = None) -> None:
+        """``total`` (samples, flattened output; float64) minus the term of ``part`` = ``cut[rows][:, channels]``,
+        in place: in every row, or only in ``rows``."""
+        maps = None if rows is not None else self._channel_maps(part.shape[2:], channels)
+        if rows is not None:
+            total.index_add_(0, rows, self.contribution(part, channels), alpha=-1)
+        elif maps is None:
+            total.sub_(self.contribution(part, channels))
+        else:
+            total.addmm_(part.double().reshape(part.shape[0], -1), maps, alpha=-1)
+
+    def _channel_maps(self, spatial: torch.Size, channels: list[int]) -> Tensor | None:
+        """The stacked float64 maps of ``channels`` (rows: channel, then position); None when too large."""
+        if self._maps is None:
+            self._maps = self._build_maps(spatial)
+        if not self._maps:
+            return None
+        return self._maps[channels[0]] if len(channels) == 1 else torch.cat([self._maps[c] for c in channels])
+
+    def _build_maps(self, spatial: torch.Size) -> dict[int, Tensor]:
+        m, positions = self.module, spatial.numel()
+        weight = m.weight.detach()
+        if isinstance(m, nn.Linear):
+            if weight.numel() > MATRIX_LIMIT:
+                return {}
+            # flatten(1) puts channel c's positions at [c * positions, (c + 1) * positions) of the input
+            rows = weight.double().T.contiguous()
+            return {c: rows[c * positions : (c + 1) * positions] for c in range(weight.shape[1] // positions)}
+        probe = torch.zeros(1, 1, *spatial, dtype=torch.float64, device=weight.device)
+        out = F.conv2d(probe, weight[:, :1].double(), None, m.stride, m.padding, m.dilation).numel()
+        if m.in_channels * positions * out > MATRIX_LIMIT:
+            return {}
+        # each channel's conv of every one-hot map: each entry is one weight, exactly
+        basis = torch.eye(positions, dtype=torch.float64, device=weight.device).view(positions, 1, *spatial)
+        kernels = weight.double()
+        return {
+            c: F.conv2d(basis, kernels[:, c : c + 1], None, m.stride, m.padding, m.dilation).flatten(1)
+            for c in range(m.in_channels)
+        }
 
 
 @dataclass
@@ -80,7 +129,7 @@ class NetworkSplit:
 
     ``readers`` and ``rest`` (None where some reader of the cut is not linear in it): ``rest(*others, *outputs)``
     gives the tail's logits from the other crossing values (``values`` without ``values[cut]``) and each
-    reader's output.
+    reader's output (its module's own output shape).
     """
 
     head: fx.GraphModule

@@ -11,9 +11,7 @@ full re-evaluation with one warning.
 
 Where the layers reading the cut are linear in it (a conv, or a linear layer over the flattened map, as in every
 built-in network), their outputs are kept as float64 running sums: pruning a channel subtracts that channel's
-term, and only the layers after them run per mask. The answers then equal the whole network's up to float32
-rounding; a sample whose two best classes lie closer than ``NEAR_TIE`` (relative) is re-run through the cached
-layers exactly as the whole network would compute it, so the counts are those of full re-evaluation.
+term, and only the layers after them run per mask; near ties are decided exactly (``curve_cache``).
 
 Lightning users get the same through ``FinePruningCallback``; the hooks ``transfer``, ``forward_context``,
 ``reduce`` and ``broadcast`` are where a trainer plugs in its device transfer, precision and processes.
@@ -34,6 +32,7 @@ from rich.progress import Progress
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
+from backdoor_lab.defenses.curve_cache import SUMS_TOLERANCE, CachedBatch, CurveCache, RunningSums
 from backdoor_lab.defenses.network_split import CannotCutError, NetworkSplit, split_network
 from backdoor_lab.defenses.pruning import (
     ChannelActivation,
@@ -47,42 +46,13 @@ from backdoor_lab.defenses.pruning import (
     set_channel_mask,
     split_batch,
 )
-from backdoor_lab.metrics import attack_counted
 
 log = logging.getLogger(__name__)
 
 BatchToXY = Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]]
 
-# The running sums must give the whole network's logits to this fraction of their largest |logit| (checked on
-# the first batch; float32 rounding makes them differ by ~2e-7 of it on the built-in networks).
-SUMS_TOLERANCE = 5e-6
-# A sample whose top-2 logit margin is below this fraction of its largest |logit| could answer differently from
-# the whole network: it is decided by the exact tail.
-NEAR_TIE = 2 * SUMS_TOLERANCE
 # The cut is checked against the whole network on this many samples of the first clean batch (three forwards).
 CHECK_SAMPLES = 16
-
-
-@dataclass
-class _Batch:
-    """One batch of a pass: what crosses the cut, labels, and its correct count (full re-evaluation)."""
-
-    crossing: tuple | None
-    targets: Tensor
-    true_labels: Tensor | None
-    correct: float
-    total: float
-    hits: Tensor | None = None  # per sample, until gathered into the cache
-    active: Tensor | None = None  # (samples, channels): any non-zero value at the cut, until gathered
-    buffer: Tensor | None = None
-
-
-def _near_ties(logits: Tensor) -> Tensor:
-    """Per sample: the two best classes closer than ``NEAR_TIE`` of the largest |logit|."""
-    if logits.shape[1] < 2:
-        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    top = logits.topk(2, dim=1).values
-    return top[:, 0] - top[:, 1] <= NEAR_TIE * logits.abs().amax(dim=1)
 
 
 @dataclass
@@ -91,7 +61,7 @@ class _Pass:
 
     loader: Iterable
     dataloader_idx: int
-    batches: list[_Batch] = field(default_factory=list)
+    batches: list[CachedBatch] = field(default_factory=list)
     first_inputs: Tensor | None = None
     hits: Tensor | None = None  # per sample: counted and argmax == target, current mask
 
@@ -104,23 +74,6 @@ class _Pass:
     @property
     def total(self) -> float:
         return sum(b.total for b in self.batches)
-
-
-@dataclass
-class _Cache:
-    """Per-sample state of every cached pass at once (clean, then triggered): one update per mask for all."""
-
-    batches: list[tuple[_Batch, int]]  # each batch and the index of its first sample
-    hits: Tensor
-    active: Tensor
-    targets: Tensor
-    counted: Tensor
-    cut: Tensor | None = None  # float64 copy of the cut values (running sums only)
-    others: list[Tensor] | None = None  # the other crossing values (running sums only)
-    sums: list[Tensor] | None = None  # float64 outputs of the split's linear readers, current mask
-
-    def forget_sums(self) -> None:
-        self.cut = self.others = self.sums = None
 
 
 def _progress(enabled: bool) -> Progress:
@@ -244,7 +197,7 @@ class FinePruner:
         self.incremental = False  # the curve keeps running sums of the split's linear readers
         self.exact_tail_runs = 0  # batches the curve re-ran through the cached layers (no sums, or a near tie)
         self._clean: _Pass | None = None
-        self._cache: _Cache | None = None
+        self._cache: CurveCache | None = None
         self._triggered: _Pass | None = None
 
     # ----------------------------------------------------------------- rank
@@ -301,10 +254,13 @@ class FinePruner:
         try:
             for i, batch in enumerate(self._shard(loader)):
                 x, y, true = self.batch_to_xy(self._move(batch, dataloader_idx))
+                outputs = None
                 with self.forward_context():
                     if self.split is not None:
                         crossing = self.split.head(x)
-                        logits = self.split.tail(*crossing)
+                        if i == 0 and self.incremental:
+                            self.incremental = self._exact_enough(crossing)
+                        logits, outputs = self._tail_and_readers(crossing)
                     else:
                         crossing, logits = None, self.model(x)
                 if i == 0:
@@ -319,16 +275,14 @@ class FinePruner:
                         crossing = None
                     else:
                         hits, active = hit_mask(logits, y, true), cut.ne(0).flatten(2).any(dim=2)
-                        if i == 0 and self.incremental:
-                            self.incremental = self._exact_enough(crossing)
-                data.batches.append(_Batch(crossing, y, true, correct, total, hits, active))
+                data.batches.append(CachedBatch(crossing, y, true, correct, total, hits, active, outputs))
         finally:
             reached.remove()
             recorder.close()
             self.model.train(was_training)
         if self.split is None:  # the fallback re-reads the loader for every mask; keep no tensors
             for b in data.batches:
-                b.crossing = b.hits = b.active = None
+                b.crossing = b.hits = b.active = b.outputs = None
         # One reduce for the sums, one for the counts, on every process (a process with no batch of its own
         # adds zeros): the same collectives in the same order everywhere.
         local_sum = recorder.sum if recorder.sum is not None else torch.zeros(self.num_channels, dtype=torch.float64)
@@ -384,35 +338,40 @@ class FinePruner:
         full = cut.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(cut.device.type)
         return per_sample and full
 
-    def _gather(self, passes: list[_Pass]) -> _Cache | None:
-        """One per-sample state over ``passes``; each pass's ``hits`` a view of it. Running sums: the cut in float64
-        and the readers' outputs."""
+    def _tail_and_readers(self, crossing: tuple) -> tuple[Tensor, list[Tensor] | None]:
+        """The tail's logits and, for the running sums, each linear reader's output as the tail computed it."""
+        if not self.incremental:
+            return self.split.tail(*crossing), None
+        outputs: list[list[Tensor]] = [[] for _ in self.split.readers]
+        hooks = [  # copies: the layers after a reader may work on its output in place (ReLU(inplace=True))
+            reader.module.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.detach().clone()))
+            for reader, seen in zip(self.split.readers, outputs, strict=True)
+        ]
+        try:
+            logits = self.split.tail(*crossing)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if any(len(seen) != 1 for seen in outputs):  # a reader's module is also called elsewhere in the tail
+            log.info("FinePruner: a layer reading %s runs more than once; re-running it", self.split.cut_name)
+            self.incremental = False
+            return logits, None
+        return logits, [seen[0] for seen in outputs]
+
+    def _gather(self, passes: list[_Pass]) -> CurveCache | None:
+        """One per-sample state over ``passes``; each pass's ``hits`` a view of it."""
         batches = [b for data in passes for b in data.batches]
         if not batches:
             return None
-        device = batches[0].hits.device
-        starts = [0]
-        for b in batches:
-            starts.append(starts[-1] + len(b.targets))
-        cache = _Cache(
-            batches=list(zip(batches, starts, strict=False)),
-            hits=torch.cat([b.hits for b in batches]),
-            active=torch.cat([b.active for b in batches]),
-            targets=torch.cat([b.targets.to(device) for b in batches]),
-            counted=torch.cat([attack_counted(b.targets.to(device), b.true_labels) for b in batches]),
-        )
+        if self.incremental and any(b.outputs is None for b in batches):  # a later batch turned the sums off
+            self.incremental = False
+        readers = self.split.readers if self.incremental else None
+        cache = CurveCache.gather(batches, readers, self.split.cut)
         offset = 0
         for data in passes:
             size = sum(len(b.targets) for b in data.batches)
             data.hits = cache.hits[offset : offset + size]
             offset += size
-        for b in batches:
-            b.hits = b.active = None
-        if self.incremental:
-            index, values = self.split.cut, range(len(batches[0].crossing))
-            cache.cut = torch.cat([b.crossing[index] for b in batches]).double()
-            cache.others = [torch.cat([b.crossing[i] for b in batches]) for i in values if i != index]
-            cache.sums = [reader.full(cache.cut) for reader in self.split.readers]
         return cache
 
     def _fall_back(self, reason: str) -> None:
@@ -448,9 +407,10 @@ class FinePruner:
                 cut = self._masked_tail(crossing, everything)
                 if self.incremental:
                     value = crossing[self.split.cut]
-                    sums = [r.full(value) - r.contribution(value[:, half], half) for r in self.split.readers]
                     others = [v for i, v in enumerate(crossing) if i != self.split.cut]
-                    summed = self.split.rest(*others, *[s.to(value.dtype) for s in sums])
+                    sums = RunningSums(self.split.readers, value, others, [r.output(value) for r in self.split.readers])
+                    sums.subtract(half)
+                    summed = sums.logits(self.split.rest)
         finally:
             self.model.train(was_training)
         if not (torch.equal(whole, cut) and torch.equal(whole_masked, cut_masked)):
@@ -462,13 +422,13 @@ class FinePruner:
                 log.info("FinePruner: running sums disagree with the network; re-running %s", self.split.cut_name)
                 self.incremental = False
                 if self._cache is not None:
-                    self._cache.forget_sums()
+                    self._cache.sums = None
 
     def _drop_cache(self) -> None:
         self._cache = None
         for data in (self._clean, self._triggered):
             for b in data.batches if data else []:
-                b.crossing = b.buffer = b.hits = b.active = None
+                b.crossing = b.buffer = b.hits = b.active = b.outputs = None
             if data is not None:
                 data.hits = None
 
@@ -480,7 +440,7 @@ class FinePruner:
         values[self.split.cut] = torch.mul(cut, mask, out=out)
         return self.split.tail(*values)
 
-    def _tail(self, batch: _Batch, keep: Tensor) -> Tensor:
+    def _tail(self, batch: CachedBatch, keep: Tensor) -> Tensor:
         # The masked map is written into a buffer kept per batch: fresh allocations dominate the tail's cost on CPU.
         if batch.buffer is None:
             batch.buffer = torch.empty_like(batch.crossing[self.split.cut])
@@ -513,7 +473,11 @@ class FinePruner:
                         set_channel_mask(self.modules, keep)
                     elif self.split is not None and newly and self._cache is not None:
                         with self.forward_context():
-                            self._advance(self._cache, keep, newly)
+                            self.exact_tail_runs += self._cache.advance(
+                                newly,
+                                self.split.rest,
+                                lambda b, keep=keep: hit_mask(self._tail(b, keep), b.targets, b.true_labels),
+                            )
                     acc = self._rate(self._clean, keep, newly)
                     asr = None if self._triggered is None else self._rate(self._triggered, keep, newly)
                     baseline = acc if baseline is None else baseline
@@ -536,43 +500,6 @@ class FinePruner:
                     b.correct, b.total = count_correct(self.model(x), y, true)
         both = self.reduce(torch.tensor([data.correct, data.total], dtype=torch.float64, device=self._device()))
         return float(both[0] / both[1]) if float(both[1]) else float("nan")
-
-    def _advance(self, cache: _Cache, keep: Tensor, newly: list[int]) -> None:
-        """New answers of the samples whose input to the tail moved when ``newly`` were masked."""
-        moved = cache.active[:, newly].any(dim=1)  # the other samples: same input, same answer
-        count = int(moved.sum())
-        if not count:
-            return
-        exact = moved
-        if self.incremental:
-            # Few moved samples: update those rows only; many: all rows (an unmoved row's sums subtract exact zeros).
-            rows = None if 2 * count > len(moved) else moved.nonzero().squeeze(1)
-            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-            part = pick(cache.cut[:, newly])
-            for total, reader in zip(cache.sums, self.split.readers, strict=True):
-                if rows is None:
-                    total.sub_(reader.contribution(part, newly))
-                else:
-                    total.index_add_(0, rows, reader.contribution(part, newly), alpha=-1)
-            dtype = cache.batches[0][0].crossing[self.split.cut].dtype
-            others = [v.clone() if rows is None else v[rows] for v in cache.others]
-            logits = self.split.rest(*others, *[pick(s).to(dtype) for s in cache.sums])
-            hits = pick(cache.counted) & (logits.argmax(dim=1) == pick(cache.targets))
-            ties = _near_ties(logits)
-            if rows is None:
-                cache.hits.copy_(hits)
-                exact = ties
-            else:
-                cache.hits[rows] = hits
-                exact = torch.zeros_like(moved)
-                exact[rows] = ties
-            if not bool(exact.any()):
-                return
-        for b, start in cache.batches:  # exactly as the whole network computes them
-            end = start + len(b.targets)
-            if bool(exact[start:end].any()):
-                cache.hits[start:end] = hit_mask(self._tail(b, keep), b.targets, b.true_labels)
-                self.exact_tail_runs += 1
 
     # ----------------------------------------------------------------- choose, mask, export
     def choose(self) -> int:

@@ -1,0 +1,161 @@
+"""The prune curve's per-sample state: each cached sample's answer under the current mask, one update per mask.
+
+``FinePruner.rank`` keeps, for every sample of the clean and triggered passes, what crosses the cut (the values
+the layers after the pruned conv read), which channels are non-zero there, and whether the sample is answered
+right. Masking more channels moves only the samples in which they are non-zero; the others keep their answer
+(same input, same answer).
+
+Where the layers reading the cut are linear in it (``NetworkSplit.readers``), their outputs are kept as float64
+running sums (``RunningSums``): a pruned channel subtracts its term, and only ``NetworkSplit.rest`` runs again.
+The answers then equal the whole network's up to float32 rounding; a sample whose two best classes lie closer
+than ``NEAR_TIE`` sends its batch through the exact tail (the cached layers, computed as the whole network
+computes them), so the counts are those of full re-evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx
+
+from backdoor_lab.defenses.network_split import LinearReader
+from backdoor_lab.metrics import attack_counted
+
+# The running sums must give the whole network's logits to this fraction of their largest |logit| (checked on
+# the first batch; float32 rounding makes them differ by ~2e-7 of it on the built-in networks).
+SUMS_TOLERANCE = 5e-6
+# A sample whose top-2 logit margin is below this fraction of its largest |logit| could answer differently from
+# the whole network: it is decided by the exact tail.
+NEAR_TIE = 2 * SUMS_TOLERANCE
+
+
+@dataclass
+class CachedBatch:
+    """One batch of a pass: what crosses the cut, labels, and its correct count (full re-evaluation)."""
+
+    crossing: tuple | None
+    targets: Tensor
+    true_labels: Tensor | None
+    correct: float
+    total: float
+    hits: Tensor | None = None  # per sample, until gathered into the cache
+    active: Tensor | None = None  # (samples, channels): any non-zero value at the cut, until gathered
+    outputs: list[Tensor] | None = None  # the linear readers' outputs (running sums only), until gathered
+    buffer: Tensor | None = None  # the masked cut, for the exact tail
+
+
+def near_ties(logits: Tensor) -> Tensor:
+    """Per sample: the two best classes closer than ``NEAR_TIE`` of the largest |logit|."""
+    if logits.shape[1] < 2:
+        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    best = logits.amax(dim=1, keepdim=True)
+    tolerance = NEAR_TIE * torch.maximum(best, -logits.amin(dim=1, keepdim=True))
+    return (logits >= best - tolerance).sum(dim=1) >= 2  # the best, and another within the tolerance of it
+
+
+class RunningSums:
+    """The outputs of the split's linear readers as float64 running sums (flattened per sample), current mask.
+
+    ``cut``: the cut values (samples, channels, ...); ``others``: the other values crossing the cut; ``outputs``:
+    each reader's output, unmasked, exactly as the network computed it (the sums start from it).
+    """
+
+    def __init__(self, readers: list[LinearReader], cut: Tensor, others: list[Tensor], outputs: list[Tensor]):
+        self.dtype = cut.dtype
+        self.by_channel = cut.double().transpose(0, 1).contiguous()  # a channel's values, one block
+        self.others = others
+        self.readers = [LinearReader(r.module) for r in readers]  # per-channel maps of the weights as they are now
+        self.shapes = [o.shape[1:] for o in outputs]
+        self.sums = [o.double().reshape(len(o), -1).contiguous() for o in outputs]
+
+    def subtract(self, channels: list[int], rows: Tensor | None = None) -> None:
+        """Mask ``channels``: in every sample's sums, or only in ``rows``."""
+        part = self.by_channel[channels]
+        if rows is not None:
+            part = part[:, rows]
+        for total, reader in zip(self.sums, self.readers, strict=True):
+            reader.subtract(total, part.transpose(0, 1), channels, rows)
+
+    def logits(self, rest: fx.GraphModule, rows: Tensor | None = None) -> Tensor:
+        """The network's answers from the sums (every sample, or ``rows``), in the network's dtype."""
+        others = [v.clone() if rows is None else v[rows] for v in self.others]  # the rest may work in place
+        sums = self.sums if rows is None else [s[rows] for s in self.sums]
+        return rest(*others, *[s.to(self.dtype).view(-1, *shape) for s, shape in zip(sums, self.shapes, strict=True)])
+
+
+@dataclass
+class CurveCache:
+    """Per-sample state of every cached pass at once (clean, then triggered): one update per mask for all."""
+
+    batches: list[tuple[CachedBatch, int]]  # each batch and the index of its first sample
+    hits: Tensor  # per sample: counted and argmax == target, current mask
+    active: Tensor  # (channels, samples): the channel is non-zero somewhere in the sample's cut
+    targets: Tensor
+    counted: Tensor
+    sums: RunningSums | None = None
+
+    @classmethod
+    def gather(cls, batches: list[CachedBatch], readers: list[LinearReader] | None, cut_index: int) -> CurveCache:
+        """One state over ``batches`` (their per-sample tensors move into it); running sums when ``readers``."""
+        device = batches[0].hits.device
+        starts = [0]
+        for b in batches:
+            starts.append(starts[-1] + len(b.targets))
+        cache = cls(
+            batches=list(zip(batches, starts, strict=False)),
+            hits=torch.cat([b.hits for b in batches]),
+            active=torch.cat([b.active for b in batches]).T.contiguous(),
+            targets=torch.cat([b.targets.to(device) for b in batches]),
+            counted=torch.cat([attack_counted(b.targets.to(device), b.true_labels) for b in batches]),
+        )
+        if readers is not None:
+            values = range(len(batches[0].crossing))
+            cache.sums = RunningSums(
+                readers,
+                torch.cat([b.crossing[cut_index] for b in batches]),
+                [torch.cat([b.crossing[i] for b in batches]) for i in values if i != cut_index],
+                [torch.cat([b.outputs[i] for b in batches]) for i in range(len(readers))],
+            )
+        for b in batches:
+            b.hits = b.active = b.outputs = None
+        return cache
+
+    def advance(
+        self, newly: list[int], rest: fx.GraphModule | None, exact_tail: Callable[[CachedBatch], Tensor]
+    ) -> int:
+        """New answers of the samples whose input to the tail moved when ``newly`` were masked.
+
+        ``exact_tail(batch)``: the batch's hits under the new mask, computed as the whole network computes them.
+        Returns how many batches went through it.
+        """
+        moved = self.active[newly].any(dim=0)  # the other samples: same input, same answer
+        count = int(moved.sum())
+        if not count:
+            return 0
+        exact = moved
+        if self.sums is not None:
+            # Few moved samples: update those rows only; many: all rows (an unmoved row's sums subtract exact zeros).
+            rows = None if 2 * count > len(moved) else moved.nonzero().squeeze(1)
+            self.sums.subtract(newly, rows)
+            logits = self.sums.logits(rest, rows)
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            hits = pick(self.counted) & (logits.argmax(dim=1) == pick(self.targets))
+            ties = near_ties(logits)
+            if rows is None:
+                self.hits.copy_(hits)
+                exact = ties
+            else:
+                self.hits[rows] = hits
+                exact = torch.zeros_like(moved)
+                exact[rows] = ties
+            if not bool(exact.any()):
+                return 0
+        runs = 0
+        for b, start in self.batches:
+            end = start + len(b.targets)
+            if bool(exact[start:end].any()):
+                self.hits[start:end] = exact_tail(b)
+                runs += 1
+        return runs
