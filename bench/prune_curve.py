@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,12 +102,13 @@ def main() -> None:
     parser.add_argument("--old-points", type=int, default=8, help="old way: time this many of its ~64 points")
     parser.add_argument("--runs", type=Path, nargs="*", default=[], help="finished training runs to measure too")
     parser.add_argument("--skip-random", action="store_true", help="only the --runs")
+    parser.add_argument("--repeat", type=int, default=5, help="plain pass and curve, alternating: medians of this many")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
-        "| network | channels | one plain pass | per-channel curve (cached) | ratio | exact tail runs "
+        "| network | channels | one plain pass | per-channel curve (cached) | ratio (range of runs) | exact tail runs "
         "| old way (~64 points) | old, per channel |"
     )
     print("|---|---|---|---|---|---|---|---|")
@@ -114,14 +116,20 @@ def main() -> None:
     for name, make, clean, triggered, layer, stat in cases:
         net = make()
         run_batches(net, clean, torch.device("cpu"))  # warm-up
-        plain, _ = timed(
-            lambda net=net, clean=clean, triggered=triggered: (
-                run_batches(net, clean, torch.device("cpu")),
-                run_batches(net, triggered, torch.device("cpu")),
+        plains, fasts = [], []
+        for _ in range(args.repeat):  # alternating, so that a slow spell of a shared machine hits both
+            plain, _ = timed(
+                lambda net=net, clean=clean, triggered=triggered: (
+                    run_batches(net, clean, torch.device("cpu")),
+                    run_batches(net, triggered, torch.device("cpu")),
+                )
             )
-        )
-        pruner = FinePruner(net, layer, activation_layer=stat, step=1, full_curve=True)
-        fast, _ = timed(lambda p=pruner, c=clean, t=triggered: (p.rank(c, t), p.measure_curve()))
+            pruner = FinePruner(net, layer, activation_layer=stat, step=1, full_curve=True)
+            fast, _ = timed(lambda p=pruner, c=clean, t=triggered: (p.rank(c, t), p.measure_curve()))
+            plains.append(plain)
+            fasts.append(fast)
+        plain, fast = statistics.median(plains), statistics.median(fasts)
+        ratios = sorted(f / p for f, p in zip(fasts, plains, strict=True))
         channels = pruner.num_channels
         fast_curve = {p["pruned"]: (p["clean_acc"], p["asr"]) for p in pruner.prune_curve}
         mode = "running sums" if pruner.incremental else "cached tail" if pruner.split else "full"
@@ -146,7 +154,8 @@ def main() -> None:
             )
             per_channel_cell = f"~{per_point * channels:.0f} s ({per_point * channels / plain:.0f}x)"
         print(
-            f"| {name} | {channels} | {plain:.2f} s | {fast:.2f} s ({mode}) | **{fast / plain:.2f}x** | "
+            f"| {name} | {channels} | {plain:.2f} s | {fast:.2f} s ({mode}) | **{fast / plain:.2f}x** "
+            f"({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
             f"{pruner.exact_tail_runs} | {old_cell} | {per_channel_cell} |"
         )
 

@@ -350,6 +350,26 @@ def test_residual_cut_carries_the_skip_and_the_masked_batchnorm() -> None:
     assert len(split.head.graph.find_nodes(op="output")[0].args[0]) == 2  # the cut and the skip
 
 
+def test_head_pools_before_the_relu_with_the_same_values_except_where_observed() -> None:
+    from backdoor_lab.defenses.network_split import split_network
+    from backdoor_lab.models.deepid import DeepID
+
+    torch.manual_seed(0)
+    model = DeepID(5).eval()
+    x = torch.randn(6, 3, 55, 47)
+
+    def calls(split) -> list[str]:
+        return [n.target for n in split.head.graph.nodes if n.op == "call_module"]
+
+    split = split_network(model, "conv3", observed=["pool3"])
+    assert calls(split)[:6] == ["conv1", "pool1", "relu1", "conv2", "pool2", "relu2"]  # ReLU on a quarter
+    assert calls(split)[-2:] == ["relu3", "pool3"]  # pool3's hook ranks the channels: its input stays rectified
+    with torch.no_grad():
+        assert torch.equal(split.tail(*split.head(x)), model(x))
+    kept = split_network(model, "conv3", observed=["relu1", "pool2"])
+    assert calls(kept)[:6] == ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2"]
+
+
 def test_running_sums_need_readers_linear_in_the_cut() -> None:
     from backdoor_lab.defenses.network_split import split_network
     from backdoor_lab.models.deepid import DeepID

@@ -46,11 +46,11 @@ class CachedBatch:
     buffer: Tensor | None = None  # the masked cut, for the exact tail
 
 
-def near_ties(logits: Tensor) -> Tensor:
-    """Per sample: the two best classes closer than ``NEAR_TIE`` of the largest |logit|."""
+def near_ties(logits: Tensor, best: Tensor | None = None) -> Tensor:
+    """Per sample: the two best classes closer than ``NEAR_TIE`` of the largest |logit| (``best``: each row's max)."""
     if logits.shape[1] < 2:
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    best = logits.amax(dim=1, keepdim=True)
+    best = logits.amax(dim=1, keepdim=True) if best is None else best.unsqueeze(1)
     tolerance = NEAR_TIE * torch.maximum(best, -logits.amin(dim=1, keepdim=True))
     return (logits >= best - tolerance).sum(dim=1) >= 2  # the best, and another within the tolerance of it
 
@@ -141,8 +141,9 @@ class CurveCache:
             self.sums.subtract(newly, rows)
             logits = self.sums.logits(rest, rows)
             pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-            hits = pick(self.counted) & (logits.argmax(dim=1) == pick(self.targets))
-            ties = near_ties(logits)
+            best, answers = logits.max(dim=1)
+            hits = pick(self.counted) & (answers == pick(self.targets))
+            ties = near_ties(logits, best)
             if rows is None:
                 self.hits.copy_(hits)
                 exact = ties

@@ -212,7 +212,8 @@ class FinePruner:
         if self.fast and self.split is None:
             try:
                 masked = [name for name, _ in masked_modules(self.model, self.layer_name)]
-                self.split = split_network(self.model, self.layer_name, masked)
+                observed = [self.activation_layer or self.layer_name]  # the ranking statistic's hook reads it
+                self.split = split_network(self.model, self.layer_name, masked, observed)
             except CannotCutError as err:
                 self._fall_back(str(err))
         self.incremental = self.split is not None and self.split.readers is not None
