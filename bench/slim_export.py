@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from backdoor_lab.defenses.pruning import masked_modules, set_channel_mask
+from backdoor_lab.defenses.pruning import mask_channels
 from backdoor_lab.defenses.slim import cpu_latency_ms, export_slim, load_slim, slim_model
 from backdoor_lab.models.deepid import DeepID
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
@@ -38,11 +38,8 @@ MODELS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], str, int]] = [
 def masked(make: Callable[[], nn.Module], layer: str, n_pruned: int) -> tuple[nn.Module, list[int]]:
     torch.manual_seed(0)
     net = make().eval()
-    channels = dict(net.named_modules())[layer].out_channels
-    pruned = torch.randperm(channels)[:n_pruned].tolist()
-    keep = torch.ones(channels, dtype=torch.bool)
-    keep[pruned] = False
-    set_channel_mask([m for _, m in masked_modules(net, layer)], keep)
+    pruned = torch.randperm(dict(net.named_modules())[layer].out_channels)[:n_pruned].tolist()
+    mask_channels(net, layer, pruned)
     return net, pruned
 
 

@@ -15,7 +15,7 @@ from backdoor_lab.data.faces.crop import ALIGNED_EYE_BAND, FACE_HEIGHT, FACE_WID
 from backdoor_lab.data.faces.folders import AlignedFaceFolder
 from backdoor_lab.data.faces.lfw import LFWFaces
 from backdoor_lab.data.faces.synthetic import SyntheticFaces
-from backdoor_lab.defenses.pruning import masked_modules, set_channel_mask
+from backdoor_lab.defenses.pruning import kept_channels, mask_channels, masked_modules
 from backdoor_lab.models.deepid import DeepID
 
 
@@ -219,10 +219,9 @@ def test_masking_a_conv3_channel_zeroes_it_at_pool3() -> None:
     model(x)
     before = seen["pool3"].clone()
     assert (before.abs().sum(dim=(0, 2, 3)) > 0).all()
-    keep = torch.ones(60, dtype=torch.bool)
-    keep[[3, 17]] = False
+    keep = kept_channels(60, [3, 17])
     assert [name for name, _ in masked_modules(model, "conv3")] == ["conv3"]  # DeepID has no norm after conv3
-    set_channel_mask([module for _, module in masked_modules(model, "conv3")], keep)
+    mask_channels(model, "conv3", [3, 17])
     model(x)
     assert seen["pool3"][:, ~keep].abs().max() == 0.0
     torch.testing.assert_close(seen["pool3"][:, keep], before[:, keep], rtol=0, atol=0)

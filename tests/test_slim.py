@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from backdoor_lab.checkpoints import CheckpointError
-from backdoor_lab.defenses.pruning import fold_prune_masks, masked_modules, set_channel_mask
+from backdoor_lab.defenses.pruning import fold_prune_masks, mask_channels, masked_modules, set_channel_mask
 from backdoor_lab.defenses.slim import SLIM_META, SLIM_WEIGHTS, export_slim, load_slim, slim_model
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.models.deepid import DeepID
@@ -38,11 +38,8 @@ def masked_net(name: str, seed: int = 0) -> tuple[nn.Module, list[int], torch.Te
     factory, layer, shape, n_pruned, _ = BUILT_IN[name]
     torch.manual_seed(seed)
     net = factory().eval()
-    channels = dict(net.named_modules())[layer].out_channels
-    pruned = torch.randperm(channels)[:n_pruned].tolist()
-    keep = torch.ones(channels, dtype=torch.bool)
-    keep[pruned] = False
-    set_channel_mask([m for _, m in masked_modules(net, layer)], keep)
+    pruned = torch.randperm(dict(net.named_modules())[layer].out_channels)[:n_pruned].tolist()
+    mask_channels(net, layer, pruned)
     return net, pruned, torch.randn(2, *shape)
 
 
@@ -156,10 +153,7 @@ def test_export_refuses_to_overwrite(tmp_path: Path) -> None:
 def masked_residual(layer: str, pruned: list[int]) -> tuple[Residual, torch.Tensor]:
     torch.manual_seed(0)
     net = Residual().eval()
-    conv = getattr(net, layer)
-    keep = torch.ones(conv.out_channels, dtype=torch.bool)
-    keep[pruned] = False
-    set_channel_mask([m for _, m in masked_modules(net, layer)], keep)
+    mask_channels(net, layer, pruned)
     return net, torch.randn(4, 3, 10, 10)
 
 

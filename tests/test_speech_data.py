@@ -17,7 +17,7 @@ from backdoor_lab.data.speech.espeak import EspeakSynthesizer
 from backdoor_lab.data.speech.features import LogMelSpectrogram
 from backdoor_lab.data.speech.recorded import FreeSpokenDigits, SpeechCommandsDigits
 from backdoor_lab.data.speech.synthetic import SpokenDigits
-from backdoor_lab.defenses.pruning import masked_modules, set_channel_mask
+from backdoor_lab.defenses.pruning import kept_channels, mask_channels, masked_modules
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 
 
@@ -312,10 +312,9 @@ def test_masking_a_conv5_channel_zeroes_it_after_relu() -> None:
     model(x)
     before = seen["relu5"].clone()
     assert (before.sum(dim=(0, 2, 3)) > 0).all()
-    keep = torch.ones(model.conv5.out_channels, dtype=torch.bool)
-    keep[[0, 5]] = False
+    keep = kept_channels(model.conv5.out_channels, [0, 5])
     assert [name for name, _ in masked_modules(model, "conv5")] == ["conv5"]  # no norm after conv5 to mask
-    set_channel_mask([module for _, module in masked_modules(model, "conv5")], keep)
+    mask_channels(model, "conv5", [0, 5])
     model(x)
     assert seen["relu5"][:, ~keep].abs().max() == 0.0
     torch.testing.assert_close(seen["relu5"][:, keep], before[:, keep], rtol=0, atol=0)

@@ -50,9 +50,9 @@ from backdoor_lab.defenses.pruner import (
 from backdoor_lab.defenses.pruning import (
     fold_prune_masks,
     make_permanent,
+    mask_channels,
     masked_modules,
     resolve_layer,
-    set_channel_mask,
     split_batch,
 )
 
@@ -271,9 +271,8 @@ class FinePruningCallback(Callback):
         self._apply_mask(pl_module)
 
     def _apply_mask(self, pl_module: L.LightningModule) -> None:
-        keep = torch.ones(self._conv(pl_module).out_channels, dtype=torch.bool)
-        keep[self.pruned_channels] = False
-        set_channel_mask(self._modules(pl_module), keep)
+        self._conv(pl_module)
+        mask_channels(pl_module, self.layer_name, self.pruned_channels)
 
     def _conv(self, pl_module: L.LightningModule) -> torch.nn.Conv2d:
         self.layer_name, conv = resolve_layer(pl_module, self.layer_name or self.layer)

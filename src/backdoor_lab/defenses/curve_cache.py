@@ -72,7 +72,7 @@ class RunningSums:
 
     def subtract(self, channels: list[int], rows: Tensor | None = None) -> None:
         """Mask ``channels``: in every sample's sums, or only in ``rows``."""
-        part = self.by_channel[channels]
+        part = self.by_channel[channels[0] : channels[0] + 1] if len(channels) == 1 else self.by_channel[channels]
         if rows is not None:
             part = part[:, rows]
         for total, reader in zip(self.sums, self.readers, strict=True):
@@ -130,7 +130,8 @@ class CurveCache:
         ``exact_tail(batch)``: the batch's hits under the new mask, computed as the whole network computes them.
         Returns how many batches went through it.
         """
-        moved = self.active[newly].any(dim=0)  # the other samples: same input, same answer
+        # the other samples: same input, same answer
+        moved = self.active[newly[0]] if len(newly) == 1 else self.active[newly].any(dim=0)
         count = int(moved.sum())
         if not count:
             return 0
@@ -140,19 +141,19 @@ class CurveCache:
             rows = None if 2 * count > len(moved) else moved.nonzero().squeeze(1)
             self.sums.subtract(newly, rows)
             logits = self.sums.logits(rest, rows)
-            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
             best, answers = logits.max(dim=1)
-            hits = pick(self.counted) & (answers == pick(self.targets))
-            ties = near_ties(logits, best)
             if rows is None:
-                self.hits.copy_(hits)
+                torch.logical_and(self.counted, answers == self.targets, out=self.hits)
+            else:
+                self.hits[rows] = self.counted[rows] & (answers == self.targets[rows])
+            ties = near_ties(logits, best)
+            if not bool(ties.any()):
+                return 0
+            if rows is None:
                 exact = ties
             else:
-                self.hits[rows] = hits
                 exact = torch.zeros_like(moved)
                 exact[rows] = ties
-            if not bool(exact.any()):
-                return 0
         runs = 0
         for b, start in self.batches:
             end = start + len(b.targets)

@@ -39,6 +39,7 @@ from backdoor_lab.defenses.pruning import (
     count_correct,
     fold_prune_masks,
     hit_mask,
+    kept_channels,
     masked_modules,
     move_to_device,
     prune_schedule,
@@ -391,8 +392,7 @@ class FinePruner:
         if not self._clean.batches:  # nothing to check here; the processes that hold batches vote
             return
         half = self.pruning_order()[: self.num_channels // 2]
-        keep = torch.ones(self.num_channels, dtype=torch.bool)
-        keep[half] = False
+        keep = kept_channels(self.num_channels, half)
         everything = torch.ones(self.num_channels, dtype=torch.bool)
         x = self._clean.first_inputs[:CHECK_SAMPLES]
         was_training = self.model.training
@@ -467,20 +467,19 @@ class FinePruner:
             with bar:
                 task = bar.add_task(f"Pruning {self.layer_name}", total=len(schedule))
                 for k in schedule:
-                    keep = torch.ones(n, dtype=torch.bool)
-                    keep[order[:k]] = False
                     newly = order[previous:k]
                     if self.split is None and k > 0:
-                        set_channel_mask(self.modules, keep)
+                        set_channel_mask(self.modules, kept_channels(n, order[:k]))
                     elif self.split is not None and newly and self._cache is not None:
                         with self.forward_context():
                             self.exact_tail_runs += self._cache.advance(
                                 newly,
                                 self.split.rest,
-                                lambda b, keep=keep: hit_mask(self._tail(b, keep), b.targets, b.true_labels),
+                                lambda b, k=k: hit_mask(
+                                    self._tail(b, kept_channels(n, order[:k])), b.targets, b.true_labels
+                                ),
                             )
-                    acc = self._rate(self._clean, keep, newly)
-                    asr = None if self._triggered is None else self._rate(self._triggered, keep, newly)
+                    acc, asr = self._rates(bool(newly))
                     baseline = acc if baseline is None else baseline
                     self.prune_curve.append({"pruned": k, "fraction": k / n, "clean_acc": acc, "asr": asr})
                     bar.update(task, advance=1)
@@ -493,14 +492,19 @@ class FinePruner:
                 set_channel_mask(self.modules, torch.ones(n, dtype=torch.bool))
         return self.prune_curve
 
-    def _rate(self, data: _Pass, keep: Tensor, newly: list[int]) -> float:
-        if newly and self.split is None:  # full re-evaluation; the cached path was advanced for both passes
-            for b, batch in zip(data.batches, self._shard(data.loader), strict=False):
-                x, y, true = self.batch_to_xy(self._move(batch, data.dataloader_idx))
-                with self.forward_context():
-                    b.correct, b.total = count_correct(self.model(x), y, true)
-        both = self.reduce(torch.tensor([data.correct, data.total], dtype=torch.float64, device=self._device()))
-        return float(both[0] / both[1]) if float(both[1]) else float("nan")
+    def _rates(self, moved: bool) -> tuple[float, float | None]:
+        """Clean accuracy and ASR under the current mask, summed over processes in one reduce."""
+        passes = [data for data in (self._clean, self._triggered) if data is not None]
+        if moved and self.split is None:  # full re-evaluation; the cached path was advanced for both passes
+            for data in passes:
+                for b, batch in zip(data.batches, self._shard(data.loader), strict=False):
+                    x, y, true = self.batch_to_xy(self._move(batch, data.dataloader_idx))
+                    with self.forward_context():
+                        b.correct, b.total = count_correct(self.model(x), y, true)
+        counts = [v for data in passes for v in (data.correct, data.total)]
+        counts = self.reduce(torch.tensor(counts, dtype=torch.float64, device=self._device())).tolist()
+        rates = [c / t if t else float("nan") for c, t in zip(counts[::2], counts[1::2], strict=True)]
+        return rates[0], rates[1] if len(rates) > 1 else None
 
     # ----------------------------------------------------------------- choose, mask, export
     def choose(self) -> int:
@@ -532,9 +536,7 @@ class FinePruner:
         return self.apply()
 
     def keep_mask(self) -> Tensor:
-        keep = torch.ones(self.num_channels, dtype=torch.bool)
-        keep[self.pruned_channels] = False
-        return keep
+        return kept_channels(self.num_channels, self.pruned_channels)
 
     def export(self) -> dict[str, Tensor]:
         """The model's state dict with plain weights (pruned channels zero): loads into an unpruned copy."""

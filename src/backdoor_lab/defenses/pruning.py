@@ -28,6 +28,8 @@ __all__ = [
     "fold_prune_masks",
     "following_batchnorm",
     "make_permanent",
+    "kept_channels",
+    "mask_channels",
     "masked_modules",
     "move_to_device",
     "prune_schedule",
@@ -86,6 +88,19 @@ def masked_modules(model: nn.Module, conv_name: str) -> list[tuple[str, nn.Modul
     if bn is not None:
         modules.append(bn)
     return modules
+
+
+def kept_channels(num_channels: int, pruned: Iterable[int]) -> Tensor:
+    """The boolean keep-mask (True = kept) of a layer with ``num_channels`` outputs, ``pruned`` masked."""
+    keep = torch.ones(num_channels, dtype=torch.bool)
+    keep[list(pruned)] = False
+    return keep
+
+
+def mask_channels(model: nn.Module, conv_name: str, pruned: Iterable[int]) -> None:
+    """Mask the ``pruned`` output channels of ``conv_name`` (and of the BatchNorm right after it)."""
+    modules = [m for _, m in masked_modules(model, conv_name)]
+    set_channel_mask(modules, kept_channels(modules[0].out_channels, pruned))
 
 
 class ChannelActivation:
