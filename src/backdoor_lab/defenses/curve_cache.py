@@ -69,6 +69,9 @@ class RunningSums:
         self.readers = [LinearReader(r.module) for r in readers]  # per-channel maps of the weights as they are now
         self.shapes = [o.shape[1:] for o in outputs]
         self.sums = [o.double().reshape(len(o), -1).contiguous() for o in outputs]
+        # the rest's inputs for every sample: written in place each mask (a fresh ~MB tensor per mask costs more
+        # on CPU than the copy into it)
+        self.buffers = [torch.empty(s.shape, dtype=self.dtype, device=s.device) for s in self.sums]
 
     def subtract(self, channels: list[int], rows: Tensor | None = None) -> None:
         """Mask ``channels``: in every sample's sums, or only in ``rows``."""
@@ -81,8 +84,11 @@ class RunningSums:
     def logits(self, rest: fx.GraphModule, rows: Tensor | None = None) -> Tensor:
         """The network's answers from the sums (every sample, or ``rows``), in the network's dtype."""
         others = [v.clone() if rows is None else v[rows] for v in self.others]  # the rest may work in place
-        sums = self.sums if rows is None else [s[rows] for s in self.sums]
-        return rest(*others, *[s.to(self.dtype).view(-1, *shape) for s, shape in zip(sums, self.shapes, strict=True)])
+        if rows is None:
+            outputs = [buffer.copy_(s) for buffer, s in zip(self.buffers, self.sums, strict=True)]
+        else:
+            outputs = [s[rows].to(self.dtype) for s in self.sums]
+        return rest(*others, *[out.view(-1, *shape) for out, shape in zip(outputs, self.shapes, strict=True)])
 
 
 @dataclass
