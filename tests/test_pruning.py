@@ -342,6 +342,24 @@ def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name, mon
     assert max(accuracies) == 1.0 and min(accuracies) < 0.9  # the masks did change the answers
 
 
+def test_near_ties_flag_the_two_best_classes_within_the_tolerance_of_the_largest_logit() -> None:
+    from backdoor_lab.defenses.curve_cache import NEAR_TIE, near_ties
+
+    logits = torch.tensor(
+        [
+            [4.0, 4.0 - 0.5 * NEAR_TIE * 4.0, 0.0],  # the runner-up within the tolerance: a tie
+            [4.0, 4.0 - 2.0 * NEAR_TIE * 4.0, 0.0],  # just outside it
+            [1.0, 1.0, -3.0],  # equal best; the largest |logit| is the negative one
+            [-8.0, -8.0 + 0.5 * NEAR_TIE * 8.0, -9.0],  # all negative: the scale is |-9|, so within
+            [2.0, -1.0, 0.5],
+        ],
+        dtype=torch.float64,
+    )
+    assert near_ties(logits).tolist() == [True, False, True, True, False]
+    assert near_ties(logits, logits.amax(dim=1)).tolist() == [True, False, True, True, False]
+    assert not near_ties(torch.ones(3, 1)).any()  # one class: nothing to tie with
+
+
 def test_residual_cut_carries_the_skip_and_the_masked_batchnorm() -> None:
     from backdoor_lab.defenses.network_split import split_network
 
