@@ -59,14 +59,15 @@ class RunningSums:
     """The outputs of the split's linear readers as float64 running sums (flattened per sample), current mask.
 
     ``cut``: the cut values (samples, channels, ...); ``others``: the other values crossing the cut; ``outputs``:
-    each reader's output, unmasked, exactly as the network computed it (the sums start from it).
+    each reader's output, unmasked, exactly as the network computed it (the sums start from it). ``readers`` keep
+    the per-channel maps they build: give fresh ones for weights that may have changed.
     """
 
     def __init__(self, readers: list[LinearReader], cut: Tensor, others: list[Tensor], outputs: list[Tensor]):
         self.dtype = cut.dtype
         self.by_channel = cut.double().transpose(0, 1).contiguous()  # a channel's values, one block
         self.others = others
-        self.readers = [LinearReader(r.module) for r in readers]  # per-channel maps of the weights as they are now
+        self.readers = readers
         self.shapes = [o.shape[1:] for o in outputs]
         self.sums = [o.double().reshape(len(o), -1).contiguous() for o in outputs]
         # the rest's inputs for every sample: written in place each mask (a fresh ~MB tensor per mask costs more
@@ -119,7 +120,7 @@ class CurveCache:
         if readers is not None:
             values = range(len(batches[0].crossing))
             cache.sums = RunningSums(
-                readers,
+                [LinearReader(r.module) for r in readers],  # maps of the weights as they are at this pass
                 torch.cat([b.crossing[cut_index] for b in batches]),
                 [torch.cat([b.crossing[i] for b in batches]) for i in values if i != cut_index],
                 [torch.cat([b.outputs[i] for b in batches]) for i in range(len(readers))],

@@ -85,10 +85,11 @@ class LinearReader:
     def subtract(self, total: Tensor, part: Tensor, channels: list[int], rows: Tensor | None = None) -> None:
         """``total`` (samples, flattened output; float64) minus the term of ``part`` = ``cut[rows][:, channels]``,
         in place: in every row, or only in ``rows``."""
-        maps = None if rows is not None else self._channel_maps(part.shape[2:], channels)
         if rows is not None:
             total.index_add_(0, rows, self.contribution(part, channels), alpha=-1)
-        elif maps is None:
+            return
+        maps = self._channel_maps(part.shape[2:], channels)
+        if maps is None:
             total.sub_(self.contribution(part, channels))
         else:
             total.addmm_(part.double().reshape(part.shape[0], -1), maps, alpha=-1)

@@ -58,7 +58,7 @@ CHECK_SAMPLES = 16
 
 @dataclass
 class _Pass:
-    """One loader's pass. On the cached path its answers are ``hits``, a slice of the shared ``_Cache``."""
+    """One loader's pass. On the cached path its answers are ``hits``, a slice of the shared ``CurveCache``."""
 
     loader: Iterable
     dataloader_idx: int
@@ -409,7 +409,8 @@ class FinePruner:
                 if self.incremental:
                     value = crossing[self.split.cut]
                     others = [v for i, v in enumerate(crossing) if i != self.split.cut]
-                    sums = RunningSums(self.split.readers, value, others, [r.output(value) for r in self.split.readers])
+                    readers = self._cache.sums.readers  # their channel maps, built once for this pass
+                    sums = RunningSums(readers, value, others, [r.output(value) for r in readers])
                     sums.subtract(half)
                     summed = sums.logits(self.split.rest)
         finally:
