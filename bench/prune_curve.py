@@ -1,8 +1,11 @@
 """Cost of the whole per-channel prune curve (clean + triggered) against one plain evaluation pass.
 
-For each built-in network: one plain pass over the clean and triggered val-sized data (the unit), the cached
-curve of ``FinePruner`` at every channel count (rank pass included), and the old way (the whole network
-re-run at ~64 points, ``fast=False``), with its per-channel cost extrapolated. The networks are freshly
+For each built-in network: one plain pass over the clean and triggered val-sized data (the unit), ``FinePruner``'s
+rank pass (channel means, and the cache the curve reads) and its curve at every channel count after it, and the
+old way (the whole network re-run at ~64 points, ``fast=False``), with its per-channel cost extrapolated. Beside
+the times, the arithmetic of the rank pass and of the curve in plain passes (floating-point operations of matrix
+products and convolutions): it does not drift with the machine's speed, as the times do, and shows what no
+implementation that evaluates every sample at every count can avoid. The networks are freshly
 initialised (seed 0) and read random inputs of the task's shape, labelled with the network's own answers so the
 curve falls from 100%: dense activations, so no batch can skip a step (the worst case for the cache).
 
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from backdoor_lab.defenses.pruner import FinePruner
 from backdoor_lab.defenses.pruning import run_batches
@@ -74,6 +78,18 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def flops(fn: Callable[[], object]) -> float:
+    """Floating-point operations of ``fn``'s matrix products and convolutions (the running sums' in-place
+    ``addmm_`` too): the arithmetic a pass needs, whatever the machine's speed."""
+
+    def addmm_flops(_self_shape: tuple, a_shape: tuple, b_shape: tuple, *_: object, **__: object) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops}) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 Case = tuple[str, Callable[[], nn.Module], DataLoader, DataLoader, str, str | None]
 
 
@@ -108,28 +124,31 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
-        "| network | channels | one plain pass | per-channel curve (cached) | ratio (range of runs) | exact tail runs "
-        "| old way (~64 points) | old, per channel |"
+        "| network | channels | one plain pass | rank pass | curve after it | rank + curve: ratio (range of runs) "
+        "| arithmetic, rank + curve | exact tail runs | old way (~64 points) | old, per channel |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     cases = ([] if args.skip_random else random_cases()) + trained_cases(args.runs)
     for name, make, clean, triggered, layer, stat in cases:
         net = make()
-        run_batches(net, clean, torch.device("cpu"))  # warm-up
-        plains, fasts = [], []
+
+        def plain_pass(net: nn.Module = net, clean: DataLoader = clean, triggered: DataLoader = triggered) -> None:
+            run_batches(net, clean, torch.device("cpu"))
+            run_batches(net, triggered, torch.device("cpu"))
+
+        plain_pass()  # warm-up
+        plains, ranks, curves = [], [], []
         for _ in range(args.repeat):  # alternating, so that a slow spell of a shared machine hits both
-            plain, _ = timed(
-                lambda net=net, clean=clean, triggered=triggered: (
-                    run_batches(net, clean, torch.device("cpu")),
-                    run_batches(net, triggered, torch.device("cpu")),
-                )
-            )
+            plains.append(timed(plain_pass)[0])
             pruner = FinePruner(net, layer, activation_layer=stat, step=1, full_curve=True)
-            fast, _ = timed(lambda p=pruner, c=clean, t=triggered: (p.rank(c, t), p.measure_curve()))
-            plains.append(plain)
-            fasts.append(fast)
-        plain, fast = statistics.median(plains), statistics.median(fasts)
-        ratios = sorted(f / p for f, p in zip(fasts, plains, strict=True))
+            ranks.append(timed(lambda p=pruner, c=clean, t=triggered: p.rank(c, t))[0])
+            curves.append(timed(pruner.measure_curve)[0])
+        plain, rank, curve = (statistics.median(v) for v in (plains, ranks, curves))
+        ratios = sorted((r + c) / p for p, r, c in zip(plains, ranks, curves, strict=True))
+        counted = FinePruner(net, layer, activation_layer=stat, step=1, full_curve=True)
+        plain_flops = flops(plain_pass)
+        rank_flops = flops(lambda p=counted, c=clean, t=triggered: p.rank(c, t)) / plain_flops
+        curve_flops = flops(counted.measure_curve) / plain_flops
         channels = pruner.num_channels
         fast_curve = {p["pruned"]: (p["clean_acc"], p["asr"]) for p in pruner.prune_curve}
         mode = "running sums" if pruner.incremental else "cached tail" if pruner.split else "full"
@@ -154,9 +173,9 @@ def main() -> None:
             )
             per_channel_cell = f"~{per_point * channels:.0f} s ({per_point * channels / plain:.0f}x)"
         print(
-            f"| {name} | {channels} | {plain:.2f} s | {fast:.2f} s ({mode}) | **{fast / plain:.2f}x** "
-            f"({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
-            f"{pruner.exact_tail_runs} | {old_cell} | {per_channel_cell} |"
+            f"| {name} | {channels} | {plain:.2f} s | {rank:.2f} s ({rank / plain:.2f}x) | {curve:.2f} s "
+            f"({curve / plain:.2f}x, {mode}) | **{(rank + curve) / plain:.2f}x** ({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
+            f"{rank_flops:.2f}x + {curve_flops:.2f}x | {pruner.exact_tail_runs} | {old_cell} | {per_channel_cell} |"
         )
 
 

@@ -170,14 +170,19 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 def hit_mask(logits: Tensor, targets: Tensor, true_labels: Tensor | None = None) -> Tensor:
     """Per sample: counted (see ``attack_counted``) and argmax == target."""
-    targets = targets.to(logits.device)
-    return attack_counted(targets, true_labels) & (logits.argmax(dim=1) == targets)
+    return _hits_and_counted(logits, targets, true_labels)[0]
 
 
 def count_correct(logits: Tensor, targets: Tensor, true_labels: Tensor | None = None) -> tuple[float, float]:
     """(correct, counted) of argmax == target; samples already of the target class are not counted."""
-    counted = attack_counted(targets.to(logits.device), true_labels)
-    return float(hit_mask(logits, targets, true_labels).sum()), float(counted.sum())
+    hits, counted = _hits_and_counted(logits, targets, true_labels)
+    return float(hits.sum()), float(counted.sum())
+
+
+def _hits_and_counted(logits: Tensor, targets: Tensor, true_labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    targets = targets.to(logits.device)
+    counted = attack_counted(targets, true_labels)
+    return counted & (logits.argmax(dim=1) == targets), counted
 
 
 @torch.no_grad()
