@@ -13,7 +13,7 @@ Trained networks have sparse maps at the cut (a channel is zero for many samples
 sample by sample: ``--runs`` measures the same on finished training runs (their val data and weights, as
 ``defend.py`` would prune them).
 
-    python bench/prune_curve.py [--threads 2] [--skip-old] [--runs RUN_DIR ...]
+    python bench/prune_curve.py [--threads 2] [--skip-old] [--runs RUN_DIR ...] [--only NAME]
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--old-points", type=int, default=8, help="old way: time this many of its ~64 points")
     parser.add_argument("--runs", type=Path, nargs="*", default=[], help="finished training runs to measure too")
     parser.add_argument("--skip-random", action="store_true", help="only the --runs")
+    parser.add_argument("--only", default="", help="only the rows whose name contains this (e.g. DeepID, face)")
     parser.add_argument("--repeat", type=int, default=5, help="plain pass and curve, alternating: medians of this many")
     args = parser.parse_args()
     if args.threads:
@@ -130,6 +131,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     cases = ([] if args.skip_random else random_cases()) + trained_cases(args.runs)
     for name, make, clean, triggered, layer, stat in cases:
+        if args.only not in name:
+            continue
         net = make()
 
         def plain_pass(net: nn.Module = net, clean: DataLoader = clean, triggered: DataLoader = triggered) -> None:
