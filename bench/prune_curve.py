@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, nargs="*", default=[], help="finished training runs to measure too")
     parser.add_argument("--skip-random", action="store_true", help="only the --runs")
     parser.add_argument("--only", default="", help="only the rows whose name contains this (e.g. DeepID, face)")
-    parser.add_argument("--repeat", type=int, default=5, help="plain pass and curve, alternating: medians of this many")
+    parser.add_argument("--repeat", type=int, default=5, help="plain, rank and curve alternating: medians of this many")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
