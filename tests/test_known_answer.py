@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab import FinePruningCallback
 from backdoor_lab.defenses import (
+    DefenderData,
     DefenseContext,
     FinePruning,
     FineTuneBudget,
@@ -62,25 +63,6 @@ def _one_thread() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------------
 
 
-class DefenderData(L.LightningDataModule):
-    """The defender's data as the pipeline's DataModule hands it over: clean split to fit, rank and stop on."""
-
-    fit_on = "defender_clean"
-
-    def __init__(self, clean: DataLoader, triggered: DataLoader) -> None:
-        super().__init__()
-        self.clean, self.triggered = clean, triggered
-
-    def train_dataloader(self) -> DataLoader:
-        return self.clean
-
-    def clean_val_dataloader(self) -> DataLoader:
-        return self.clean
-
-    def triggered_val_dataloader(self) -> DataLoader:
-        return self.triggered
-
-
 def make_trainer(callbacks: list, epochs: int) -> L.Trainer:
     return quiet_trainer(None, callbacks, epochs, num_sanity_val_steps=0, deterministic=True)
 
@@ -108,7 +90,10 @@ def apply_defense(
         "fine_pruning": lambda: FinePruning(prune, budget),
     }[name]()
     defense.check(model)
-    record = defense.apply(DefenseContext(model, DefenderData(clean, triggered), make_trainer))
+    data = DefenderData(
+        clean.dataset, triggered.dataset, class_names=[], batch_size=clean.batch_size, eval_batch_size=clean.batch_size
+    )
+    record = defense.apply(DefenseContext(model, data, make_trainer))
     if name in ("fine_tuning", "fine_pruning"):
         assert record["fine_tune"]["fit_on"] == "defender_clean" and record["fine_tune"]["samples"] == len(
             clean.dataset

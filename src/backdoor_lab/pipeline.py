@@ -27,6 +27,7 @@ from backdoor_lab import CONF_DIR, config_checks
 from backdoor_lab.checkpoints import load_weights
 from backdoor_lab.data.module import BackdoorDataModule
 from backdoor_lab.defenses.base import Defense, DefenseContext
+from backdoor_lab.defenses.defender_data import DefenderData
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.reporting import (
     log_config,
@@ -305,6 +306,7 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
         return {}
     seed_everything(cfg)
     dm = build_datamodule(cfg, fit_on="defender_clean")
+    defender = DefenderData.of(dm)  # all a defense is handed: the clean val split (and its triggered twin)
     results = {}
     for defense in defenses:
         out = job_dir / "defense" / defense.name
@@ -323,7 +325,7 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
         loggers = build_loggers(cfg, out, "defend", defense.name, config)
         context = DefenseContext(
             model=model,
-            datamodule=dm,
+            datamodule=defender,
             make_trainer=lambda callbacks, epochs, out=out, loggers=loggers: build_trainer(
                 cfg, out, callbacks, epochs, loggers
             ),

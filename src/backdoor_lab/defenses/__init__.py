@@ -1,10 +1,12 @@
 """Defenses: the Fine-Pruning primitives, the Lightning callback, and the plug-in defense classes."""
 
 from backdoor_lab.defenses.base import Defense, DefenseContext, FineTuneBudget, PruneSettings
+from backdoor_lab.defenses.defender_data import DefenderData, SplitOutOfReach
 from backdoor_lab.defenses.methods import FinePruning, FineTuning, NoDefense, Pruning
 
 __all__ = [
     "Defense",
+    "DefenderData",
     "DefenseContext",
     "FinePruning",
     "FineTuneBudget",
@@ -12,4 +14,5 @@ __all__ = [
     "NoDefense",
     "PruneSettings",
     "Pruning",
+    "SplitOutOfReach",
 ]

@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from backdoor_lab.defenses.defender_data import DefenderData
+
 
 @dataclass(frozen=True)
 class FineTuneBudget:
@@ -84,12 +86,14 @@ TrainerFactory = Callable[[list[Callback], int], L.Trainer]
 class DefenseContext:
     """What a defense gets: the model (weights of the checkpoint loaded), the defender's data, a Trainer factory.
 
-    ``datamodule.train_dataloader()`` yields the defender's clean split; its ``clean_val_dataloader()`` is the
-    same clean split, which pruning ranks and stops on. The test split is never handed to a defense.
+    ``datamodule`` is a ``DefenderData``: its ``train_dataloader()`` yields the defender's clean split, its
+    ``clean_val_dataloader()`` the same split in order (what pruning ranks and stops on), its
+    ``triggered_val_dataloader()`` the triggered twin for curves only. It holds nothing else: the test split and
+    the attacker's training set are out of a defense's reach by construction (``test_dataloader()`` raises).
     """
 
     model: L.LightningModule
-    datamodule: L.LightningDataModule
+    datamodule: DefenderData
     make_trainer: TrainerFactory
     record: dict[str, Any] = field(default_factory=dict)
 

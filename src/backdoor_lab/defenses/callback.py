@@ -38,8 +38,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from backdoor_lab.defenses.fit_data import batch_transfer, find_clean_loader, find_triggered_loader
 from backdoor_lab.defenses.pruner import (
     BatchToXY,
     FinePruner,
@@ -222,16 +222,8 @@ class FinePruningCallback(Callback):
     def prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Rank, measure the curve, keep the last passing mask; fills ``pruned_channels`` and ``prune_curve``."""
         clean, clean_idx = self._clean_loader(trainer, pl_module)
-        triggered = self._triggered_loader(trainer)
+        triggered = find_triggered_loader(trainer, self.triggered_dataloader)
         strategy, precision = trainer.strategy, trainer.precision_plugin
-
-        def transfer(batch: Any, dataloader_idx: int) -> Any:
-            # The evaluation loop's own sequence (lightning.pytorch.loops.evaluation_loop): precision input
-            # conversion, the module's/datamodule's on_before_batch_transfer, then the strategy's transfer with
-            # transfer_batch_to_device and on_after_batch_transfer.
-            batch = precision.convert_input(batch)
-            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
-            return strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
 
         pruner = FinePruner(
             pl_module,
@@ -244,7 +236,7 @@ class FinePruningCallback(Callback):
             full_curve=self.full_curve,
             max_batches=self.max_batches,
             batch_to_xy=self.batch_to_xy,
-            transfer=transfer,
+            transfer=batch_transfer(trainer, pl_module),
             forward_context=precision.val_step_context,
             reduce=lambda t: strategy.reduce(t, reduce_op="sum"),
             broadcast=lambda v: strategy.broadcast(v, src=0),
@@ -295,63 +287,9 @@ class FinePruningCallback(Callback):
 
     def _clean_loader(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Any, int]:
         """The defender's clean data, from what the user gave, and its dataloader index for the batch hooks."""
-        if self.clean_dataloader is not None:
-            return self.clean_dataloader, 0
-        dm = trainer.datamodule
-        if dm is not None and hasattr(dm, "clean_val_dataloader"):
-            return dm.clean_val_dataloader(), 0
-        # fit(val_dataloaders=...) is where Lightning's own validation reads from (a private attribute, the
-        # same one its loops use); otherwise the datamodule's, then the module's val_dataloader().
-        source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
-        given = getattr(source, "instance", None)
-        if given is not None and not isinstance(given, L.LightningModule | L.LightningDataModule):
-            return self._pick(given, "fit(val_dataloaders=...)")
-        for owner, what in ((dm, "the datamodule's val_dataloader()"), (pl_module, "the module's val_dataloader()")):
-            if owner is not None and is_overridden("val_dataloader", owner):
-                return self._pick(owner.val_dataloader(), what)
-        raise MisconfigurationException(
-            "FinePruningCallback needs clean validation data and found none: pass "
-            "FinePruningCallback(clean_dataloader=...), or fit(model, val_dataloaders=...), or give the "
-            "datamodule a clean_val_dataloader() or val_dataloader(), or the LightningModule a val_dataloader()"
+        return find_clean_loader(
+            trainer, pl_module, self.clean_dataloader, self.clean_dataloader_idx, "FinePruningCallback"
         )
-
-    def _pick(self, loaders: Any, what: str) -> tuple[Any, int]:
-        """The clean one among ``loaders``: the only one, or ``clean_dataloader_idx``; never a silent first pick."""
-        if isinstance(loaders, dict):
-            keys = list(loaders)
-        elif isinstance(loaders, list | tuple):
-            keys = list(range(len(loaders)))
-        else:
-            if self.clean_dataloader_idx not in (None, 0):
-                raise MisconfigurationException(
-                    f"clean_dataloader_idx={self.clean_dataloader_idx!r}, but {what} gives a single dataloader"
-                )
-            return loaders, 0
-        if not keys:
-            raise MisconfigurationException(f"{what} gives no dataloader; FinePruningCallback needs clean data")
-        if self.clean_dataloader_idx is None:
-            if len(keys) > 1:
-                raise MisconfigurationException(
-                    f"{what} gives {len(keys)} dataloaders ({keys}): pass "
-                    f"FinePruningCallback(clean_dataloader_idx=...) "
-                    f"with the one that holds clean data, or clean_dataloader=..."
-                )
-            choice = keys[0]
-        elif self.clean_dataloader_idx in keys:
-            choice = self.clean_dataloader_idx
-        else:
-            raise MisconfigurationException(
-                f"clean_dataloader_idx={self.clean_dataloader_idx!r} is not one of {what}'s dataloaders {keys}"
-            )
-        return loaders[choice], keys.index(choice)
-
-    def _triggered_loader(self, trainer: L.Trainer) -> Any:
-        if self.triggered_dataloader is not None:
-            return self.triggered_dataloader
-        dm = trainer.datamodule
-        if dm is not None and hasattr(dm, "triggered_val_dataloader"):
-            return dm.triggered_val_dataloader()
-        return None
 
     def _log_result(self, trainer: L.Trainer, baseline: float | None) -> None:
         final = next((p for p in self.prune_curve if p["pruned"] == len(self.pruned_channels)), None)
