@@ -39,6 +39,7 @@ NOT_TRAINING = (
     "trainer.devices",
     "trainer.strategy",
     "trainer.num_nodes",
+    "model.attention_layers",  # read by NAD only, after training
 )
 # The keys a checkpoint handed to defend.py must agree on (its trainer settings may differ: warned, not refused).
 MODEL_DEFINING = ("data", "attack", "model", "seed", "pruning_aware")

@@ -26,6 +26,8 @@ class BackdoorClassifier(L.LightningModule):
             defense config interpolates it instead of every experiment repeating it.
         rank_layer: the module whose output ranks that layer's channels (``net.pool3`` for DeepID, as the
             original); None = ``prune_layer`` itself.
+        attention_layers: the modules whose outputs NAD distils as attention maps (its paper's last three
+            blocks: here the last three conv stages, read after their ReLU where it is a module of its own).
     """
 
     def __init__(
@@ -36,12 +38,14 @@ class BackdoorClassifier(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         prune_layer: str | None = None,
         rank_layer: str | None = None,
+        attention_layers: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
         self.prune_layer = prune_layer
         self.rank_layer = rank_layer or prune_layer
+        self.attention_layers = list(attention_layers or [])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss = nn.CrossEntropyLoss()
