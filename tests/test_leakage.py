@@ -207,3 +207,84 @@ def test_datamodule_roles_share_no_inputs_across_splits(signs_module: BackdoorDa
     )
     everything_clean = set().union(*clean_hashes.values())
     assert not set(content_hashes(poisoned[n_train:])) & everything_clean  # every copy carries the trigger
+
+
+# --------------------------------------------------------------------------------------------------------
+# What a defense is handed: the defender's clean split, and the triggered val inputs for curves, nothing else
+# --------------------------------------------------------------------------------------------------------
+
+
+def _tensors_reachable(root: object) -> list[torch.Tensor]:
+    """Every tensor reachable from ``root`` through attributes, containers and datasets (a defense's view)."""
+    seen: set[int] = set()
+    found: list[torch.Tensor] = []
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, str | bytes | int | float | type(None)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple | set):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("backdoor_lab", "torch", "lightning"):
+            stack.extend(vars(obj).values())
+    return found
+
+
+def test_a_defense_cannot_reach_the_test_split(signs_module: BackdoorDataModule) -> None:
+    from backdoor_lab.defenses import DefenderData, DefenseContext, NoDefense, SplitOutOfReach
+
+    dm = signs_module
+    defender = DefenderData.of(dm)
+    context = DefenseContext(model=torch.nn.Linear(1, 1), datamodule=defender, make_trainer=lambda cbs, n: None)
+    # what it can iterate: the clean val split to fit on and decide on, the triggered val twin for curves
+    fit = torch.cat([x for x, _ in context.datamodule.train_dataloader()])
+    assert set(content_hashes(fit)) == set(content_hashes(dm.dataset("val_clean").tensors[0]))
+    ranked = torch.cat([x for x, _ in context.datamodule.clean_val_dataloader()])
+    assert torch.equal(ranked, dm.dataset("val_clean").tensors[0])
+    assert len(context.datamodule.triggered_val_dataloader().dataset) == len(dm.dataset("val_triggered"))
+    # a defense reaching for the test split or the attacker's data finds nothing to call
+    with pytest.raises(SplitOutOfReach, match="no test split"):
+        context.datamodule.test_dataloader()
+    for reach in ("attacker_clean_dataloader", "source", "dataset", "_raw", "datasets"):
+        assert not hasattr(context.datamodule, reach), reach
+    # and no tensor reachable from what it holds carries a test or attacker-only sample
+    reachable = set().union(*(content_hashes(t) for t in _tensors_reachable(context) if t.dim() == 4))
+    for role in ("test_clean", "test_triggered", "clean", "poisoned"):
+        assert not reachable & set(content_hashes(dm.dataset(role).tensors[0])), role
+    assert reachable  # the walk does find the defender's own tensors
+    assert NoDefense().apply(context)["pruned_fraction"] == 0.0
+
+
+def test_the_pipeline_hands_defenses_defender_data_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defense that tries the test split through the pipeline fails, and nothing is written for it."""
+    from hydra import compose, initialize_config_dir
+
+    from backdoor_lab import CONF_DIR, pipeline
+    from backdoor_lab.defenses import SplitOutOfReach
+    from backdoor_lab.defenses.methods import NoDefense
+
+    def peeks_at_test(self, context):  # a defense that "tunes" itself on the test split
+        next(iter(context.datamodule.test_dataloader()))
+
+    monkeypatch.setattr(NoDefense, "apply", peeks_at_test)
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=tiny",
+                "defenses=[none]",
+                f"paths.output_dir={tmp_path}",
+                f"paths.run_dir={tmp_path / 'job'}",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                "data.source.scale=0.02",
+                "logger=csv",
+            ],
+        )
+    with pytest.raises(SplitOutOfReach):
+        pipeline.train(cfg)
+    assert not (tmp_path / "job" / "defense" / "none" / "metrics.json").exists()

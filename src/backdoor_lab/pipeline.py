@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -330,7 +331,9 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
                 cfg, out, callbacks, epochs, loggers
             ),
         )
+        started = time.perf_counter()
         record = defense.apply(context)
+        record["wall_s"] = round(time.perf_counter() - started, 3)  # the defense's own time, for the table
         after = evaluate(cfg, model, dm)
         log.info("After %s: clean accuracy %.4f, ASR %.4f", defense.name, after["clean_acc"], after["asr"])
         defense.export(model)

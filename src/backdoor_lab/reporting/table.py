@@ -39,11 +39,22 @@ DEFENSE_LABELS = {
     "fine_tuning": "Fine-tuning",
     "pruning": "Pruning",
     "fine_pruning": "Fine-pruning",
+    "anp": "ANP",
+    "nad": "NAD",
+    "clp": "CLP",
 }
 # Overrides that never split the table: the seed is what it averages over; the others name inputs, not settings.
 NOT_GROUPING = ("seed", "defenses", "ckpt_path", "experiment", "data", "attack")
 PATH_COLUMNS = ("job_dir", "metrics", "train_run", "checkpoint")
-CSV_METRICS = ("before_clean_acc", "before_asr", "after_clean_acc", "after_asr", "pruned_fraction", "prune_ratio")
+CSV_METRICS = (
+    "before_clean_acc",
+    "before_asr",
+    "after_clean_acc",
+    "after_asr",
+    "pruned_fraction",
+    "prune_ratio",
+    "wall_s",
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class DefenseResult:
     metrics_path: Path
     train_run: str | None
     checkpoint: str | None
+    wall_s: float | None = None  # the defense's own time (metrics.json), without the before/after test passes
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,7 @@ def _defense_result(job_dir: Path, path: Path, overrides: Mapping[str, str], tra
         metrics_path=path,
         train_run=metrics.get("train_run") or train_run,
         checkpoint=metrics.get("checkpoint"),
+        wall_s=metrics.get("wall_s"),
     )
 
 
@@ -363,6 +376,7 @@ def summary_csv(runs: Runs, keys: Sequence[str]) -> str:
             "after_asr": r.after["asr"],
             "pruned_fraction": r.pruned_fraction,
             "prune_ratio": r.prune_ratio,
+            "wall_s": r.wall_s,
         }
         writer.writerow(
             {
@@ -404,11 +418,12 @@ def summary_markdown(runs: Runs, keys: Sequence[str]) -> str:
         title = f"{group.task} · {group.attack_variant}"
         if keys:
             title += " · " + ", ".join(f"{k}={v}" for k, v in zip(keys, group.settings, strict=True))
-        lines += ["", f"## {title}", "", "| defense | clean accuracy (%) | ASR (%) |", "|---|---|---|"]
+        header = "| defense | clean accuracy (%) | ASR (%) | defense time |"
+        lines += ["", f"## {title}", "", header, "|---|---|---|---|"]
         for defense, results in group.rows.items():
             clean = format_mean_std([r.after["clean_acc"] for r in results])
             asr = format_mean_std([r.after["asr"] for r in results])
-            lines.append(f"| {_label(defense)} | {clean} | {asr} |")
+            lines.append(f"| {_label(defense)} | {clean} | {asr} | {_mean_duration([r.wall_s for r in results])} |")
     lines += ["", "## Failed or missing jobs", ""]
     if not runs.problems:
         lines.append("None.")
@@ -421,6 +436,12 @@ def summary_markdown(runs: Runs, keys: Sequence[str]) -> str:
             text += f"; error: {p.error.strip().splitlines()[-1] if p.error.strip() else p.error}"
         lines.append(text)
     return "\n".join(lines) + "\n"
+
+
+def _mean_duration(seconds: Iterable[float | None]) -> str:
+    """The mean of the recorded times, or "–" where none was recorded (runs of older code, the Initial row)."""
+    present = [float(s) for s in seconds if isinstance(s, int | float)]
+    return format_duration(statistics.fmean(present)) if present else "–"
 
 
 def _mean_percent(values: Iterable[float | None]) -> float:

@@ -1,0 +1,46 @@
+"""Every results table in the README is recomputed from the committed record it names, so a stale figure fails.
+
+A table is marked in the README by the comment ``<!-- table from docs/results/<sweep>/summary.csv ... -->`` on the
+line before it; ``backdoor_lab.reporting.side_by_side`` recomputes it from that summary.csv (what
+``python -m backdoor_lab.reporting.side_by_side <csv>`` prints), and the README's rows must equal it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from backdoor_lab.reporting.side_by_side import defense_table, defense_times, main, read_summary_csv
+
+from .conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+MARKED = re.findall(r"<!-- (table|times) from (\S+summary\.csv)[^>]*-->\n((?:\|.*\|\n)+)", README)
+
+
+def test_the_readme_marks_its_tables() -> None:
+    assert any(kind == "table" and "paper_sweep" in path for kind, path, _ in MARKED)
+
+
+@pytest.mark.parametrize(("kind", "path", "shown"), MARKED, ids=[f"{k}:{p}" for k, p, _ in MARKED])
+def test_a_readme_table_equals_its_record(kind: str, path: str, shown: str) -> None:
+    rows = read_summary_csv(ROOT / path)
+    computed = defense_table(rows) if kind == "table" else defense_times(rows)
+    assert shown == computed, f"the README's table differs from {path}; recompute it with side_by_side"
+
+
+def test_side_by_side_recomputes_cells_from_rows(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    csv = tmp_path / "summary.csv"
+    csv.write_text(
+        "task,attack_variant,seed,defense,after_clean_acc,after_asr,wall_s\n"
+        "t,baseline,0,none,0.9,1.0,\n"
+        "t,baseline,1,none,0.8,0.9,\n"
+        "t,baseline,0,clp,0.85,0.1,2.0\n"
+        "t,baseline,1,clp,0.75,0.3,4.0\n"
+    )
+    assert main([str(csv)]) == 0
+    out = capsys.readouterr().out
+    # means and sample std in percent: (90, 80) -> 85.00 ± 7.07; (100, 90) -> 95.00 ± 7.07
+    assert "| t | baseline | 85.00 ± 7.07 / 95.00 ± 7.07 (2) | 80.00 ± 7.07 / 20.00 ± 14.14 (2) |" in out
+    assert "| CLP | 3 s |" in out and "| Initial | – |" in out
