@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from backdoor_lab.defenses.pruning import mask_channels
+from backdoor_lab.defenses.pruning import mask_random_channels
 from backdoor_lab.defenses.slim import cpu_latency_ms, export_slim, load_slim, slim_model
 from backdoor_lab.models.deepid import DeepID
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
@@ -38,9 +38,7 @@ MODELS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], str, int]] = [
 def masked(make: Callable[[], nn.Module], layer: str, n_pruned: int) -> tuple[nn.Module, list[int]]:
     torch.manual_seed(0)
     net = make().eval()
-    pruned = torch.randperm(dict(net.named_modules())[layer].out_channels)[:n_pruned].tolist()
-    mask_channels(net, layer, pruned)
-    return net, pruned
+    return net, mask_random_channels(net, layer, n_pruned)
 
 
 def interleaved_latency(dense: nn.Module, slim: nn.Module, batch: torch.Tensor, rounds: int) -> tuple[float, float]:

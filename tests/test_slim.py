@@ -13,7 +13,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from backdoor_lab.checkpoints import CheckpointError
-from backdoor_lab.defenses.pruning import fold_prune_masks, mask_channels, masked_modules, set_channel_mask
+from backdoor_lab.defenses.pruning import (
+    fold_prune_masks,
+    mask_channels,
+    mask_random_channels,
+    masked_modules,
+    set_channel_mask,
+)
 from backdoor_lab.defenses.slim import SLIM_META, SLIM_WEIGHTS, export_slim, load_slim, slim_model
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.models.deepid import DeepID
@@ -38,8 +44,7 @@ def masked_net(name: str, seed: int = 0) -> tuple[nn.Module, list[int], torch.Te
     factory, layer, shape, n_pruned, _ = BUILT_IN[name]
     torch.manual_seed(seed)
     net = factory().eval()
-    pruned = torch.randperm(dict(net.named_modules())[layer].out_channels)[:n_pruned].tolist()
-    mask_channels(net, layer, pruned)
+    pruned = mask_random_channels(net, layer, n_pruned, seed)
     return net, pruned, torch.randn(2, *shape)
 
 

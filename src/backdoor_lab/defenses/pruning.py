@@ -103,6 +103,16 @@ def mask_channels(model: nn.Module, conv_name: str, pruned: Iterable[int]) -> No
     set_channel_mask(modules, kept_channels(modules[0].out_channels, pruned))
 
 
+def mask_random_channels(model: nn.Module, conv_name: str, count: int, seed: int = 0) -> list[int]:
+    """Mask ``count`` channels of ``conv_name`` drawn at random (seeded): a pruned model of a known shape for
+    benchmarks and tests of what comes after pruning (slimming, export), independent of any ranking."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = dict(model.named_modules())[conv_name].out_channels
+    pruned = torch.randperm(channels, generator=generator)[:count].tolist()
+    mask_channels(model, conv_name, pruned)
+    return pruned
+
+
 class ChannelActivation:
     """Running per-channel sum of a layer's (rectified) output, without keeping activations in memory."""
 
