@@ -186,6 +186,7 @@ def test_summary_csv_one_row_per_defense_result(sweep: Path) -> None:
         "after_asr",
         "pruned_fraction",
         "prune_ratio",
+        "wall_s",
         "job_dir",
         "metrics",
         "train_run",
@@ -341,3 +342,21 @@ def test_a_job_that_failed_after_recording_its_results_is_listed(sweep: Path) ->
     text = summarize(sweep, job_errors={sweep / "0": "KeyError: 'clean_acc'"}).read_text()
     assert "- `0` (experiment=signs_badnets seed=0 fine_tune.epochs=5): done; error: KeyError: 'clean_acc'" in text
     assert "| Fine-pruning | 98.00 ± 1.00 (3) | 30.00 ± 26.46 (3) |" in text  # its results still count
+
+
+def test_each_defense_time_is_tabled_and_a_new_defense_is_labelled(tmp_path: Path) -> None:
+    """Defense times come from each metrics.json's ``wall_s`` (mean over seeds); runs of older code show "–"."""
+    root = tmp_path / "runs"
+    for seed, wall in ((0, 30.0), (1, 90.0)):
+        job = root / str(seed)
+        _train_run(job, seed, 0.99, 1.0)
+        _job(job, [f"seed={seed}"], ["anp", "fine_tuning"], job)
+        _defense(job, "anp", seed, (0.99, 1.0), (0.97, 0.05), job)
+        metrics = json.loads((job / "defense" / "anp" / "metrics.json").read_text())
+        _write(job / "defense" / "anp" / "metrics.json", {**metrics, "wall_s": wall})
+        _defense(job, "fine_tuning", seed, (0.99, 1.0), (0.98, 0.9), job)
+    text = summarize(root).read_text()
+    assert "| ANP | 97.00 ± 0.00 (2) | 5.00 ± 0.00 (2) | 1 min 00 s |" in text
+    assert "| Fine-tuning | 98.00 ± 0.00 (2) | 90.00 ± 0.00 (2) | – |" in text
+    rows = list(csv.DictReader((root / "summary.csv").open()))
+    assert sorted(r["wall_s"] for r in rows if r["defense"] == "anp") == ["30.0", "90.0"]

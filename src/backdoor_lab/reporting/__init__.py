@@ -5,8 +5,9 @@
 
 from backdoor_lab.reporting.curves import CURVE_COLUMNS, plot_prune_curve, write_curve_csv
 from backdoor_lab.reporting.files import write_json, write_new, write_replace
+from backdoor_lab.reporting.summary import NoRunsError, summarize
 from backdoor_lab.reporting.sweep import SweepSummary
-from backdoor_lab.reporting.table import NoRunsError, collect_runs, summarize
+from backdoor_lab.reporting.table import collect_runs
 from backdoor_lab.reporting.wandb import log_config, log_defense_result, log_run_summary, wandb_run_settings
 
 __all__ = [

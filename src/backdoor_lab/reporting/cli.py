@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from backdoor_lab.reporting.table import NoRunsError, summarize
+from backdoor_lab.reporting.summary import NoRunsError, summarize
 
 
 def main(argv: Sequence[str] | None = None) -> int:

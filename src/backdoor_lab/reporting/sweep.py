@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from backdoor_lab.reporting.table import summarize
+from backdoor_lab.reporting.summary import summarize
 
 log = logging.getLogger(__name__)
 

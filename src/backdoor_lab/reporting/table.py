@@ -1,11 +1,13 @@
-"""The results table of a folder of runs: summary.csv, summary.md, summary.png and prune_ratio.png.
+"""The results table of a folder of runs: reading the runs, and the text of summary.csv and summary.md.
 
 Reads the files the pipeline leaves (never a checkpoint): each job folder's ``job.json`` (status, expected
 defenses, overrides, train run), its ``defense/<name>/metrics.json`` and, for the "Initial" row, the training
 run's ``metrics.json``. The table follows Liu et al. (RAID 2018), Table 1: per task and attack, clean accuracy
-and ASR of the backdoored model (Initial) and after fine-tuning, pruning and fine-pruning, here as
-mean ± std over seeds with the number of runs. Jobs that failed, are unfinished or lack an expected defense are
+and ASR of the backdoored model (Initial) and after every defense (fine-tuning, pruning, fine-pruning and its
+successors), here as mean ± std over seeds with the number of runs, with each defense's own time. Jobs that
+failed, are unfinished or lack an expected defense are
 listed, never dropped, and everything a finished defense measured is kept even when its job failed later.
+The figures are drawn in ``plots.py``, and ``summary.py`` writes all the files.
 """
 
 from __future__ import annotations
@@ -21,14 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
-
-from backdoor_lab.nested import flatten  # noqa: E402
-from backdoor_lab.reporting.files import atomic_path, write_replace  # noqa: E402
+from backdoor_lab.nested import flatten
 
 JOB_FILE = "job.json"
 DEFENSE_DIR = "defense"
@@ -304,12 +301,12 @@ def format_mean_std(values: Sequence[float | None]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(present):.2f} ({len(present)})"
 
 
-def _defense_order(name: str) -> tuple[int, str]:
+def defense_order(name: str) -> tuple[int, str]:
     order = list(DEFENSE_LABELS)
     return (order.index(name), name) if name in order else (len(order), name)
 
 
-def _label(name: str) -> str:
+def defense_label(name: str) -> str:
     return DEFENSE_LABELS.get(name, name)
 
 
@@ -325,14 +322,14 @@ def _sort_key(value: str) -> tuple[int, float, str]:
 
 
 @dataclass
-class _Group:
+class ResultGroup:
     task: str
     attack_variant: str
     settings: tuple[str, ...]
     rows: dict[str, list[DefenseResult]]  # defense -> one result per job
 
 
-def _groups(runs: Runs, keys: Sequence[str]) -> list[_Group]:
+def result_groups(runs: Runs, keys: Sequence[str]) -> list[ResultGroup]:
     grouped: dict[tuple[str, str, tuple[str, ...]], dict[str, list[DefenseResult]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -342,13 +339,15 @@ def _groups(runs: Runs, keys: Sequence[str]) -> list[_Group]:
         if r.defense != INITIAL:  # already counted once per job as the Initial row
             grouped[_group_key(r, keys)][r.defense].append(r)
     ordered = sorted(grouped, key=lambda g: (g[0], g[1], [_sort_key(v) for v in g[2]]))
-    return [_Group(*key, dict(sorted(grouped[key].items(), key=lambda kv: _defense_order(kv[0])))) for key in ordered]
+    return [
+        ResultGroup(*key, dict(sorted(grouped[key].items(), key=lambda kv: defense_order(kv[0])))) for key in ordered
+    ]
 
 
 def _row_order(r: DefenseResult, keys: Sequence[str]) -> tuple:
     settings = [_sort_key(r.overrides.get(k, "default")) for k in keys]
     seed = r.seed if r.seed is not None else -1
-    return r.task, r.attack_variant, settings, _defense_order(r.defense), seed, str(r.job_dir)
+    return r.task, r.attack_variant, settings, defense_order(r.defense), seed, str(r.job_dir)
 
 
 def _relative(path: Path | str | None, root: Path) -> str:
@@ -414,7 +413,7 @@ def summary_markdown(runs: Runs, keys: Sequence[str]) -> str:
     if runs.timed_jobs:
         total = format_duration(runs.wall_s)
         lines += ["", f"Wall time: {total}, the sum of {runs.timed_jobs} jobs' own times (job.json)."]
-    for group in _groups(runs, keys):
+    for group in result_groups(runs, keys):
         title = f"{group.task} · {group.attack_variant}"
         if keys:
             title += " · " + ", ".join(f"{k}={v}" for k, v in zip(keys, group.settings, strict=True))
@@ -423,7 +422,9 @@ def summary_markdown(runs: Runs, keys: Sequence[str]) -> str:
         for defense, results in group.rows.items():
             clean = format_mean_std([r.after["clean_acc"] for r in results])
             asr = format_mean_std([r.after["asr"] for r in results])
-            lines.append(f"| {_label(defense)} | {clean} | {asr} | {_mean_duration([r.wall_s for r in results])} |")
+            lines.append(
+                f"| {defense_label(defense)} | {clean} | {asr} | {_mean_duration([r.wall_s for r in results])} |"
+            )
     lines += ["", "## Failed or missing jobs", ""]
     if not runs.problems:
         lines.append("None.")
@@ -442,118 +443,3 @@ def _mean_duration(seconds: Iterable[float | None]) -> str:
     """The mean of the recorded times, or "–" where none was recorded (runs of older code, the Initial row)."""
     present = [float(s) for s in seconds if isinstance(s, int | float)]
     return format_duration(statistics.fmean(present)) if present else "–"
-
-
-def _mean_percent(values: Iterable[float | None]) -> float:
-    present = [100 * v for v in values if v is not None]
-    return statistics.fmean(present) if present else math.nan
-
-
-def _savefig(fig: Any, path: Path) -> None:
-    try:
-        with atomic_path(path, overwrite=True) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-
-
-def _grid(count: int) -> tuple[Any, list[Any]]:
-    cols = min(count, 3)
-    rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), dpi=110, squeeze=False)
-    flat = list(axes.flat)
-    for ax in flat[count:]:
-        ax.set_visible(False)
-    return fig, flat[:count]
-
-
-def plot_summary(path: Path, runs: Runs, keys: Sequence[str]) -> Path:
-    """Bars of clean accuracy and ASR (mean, std as error bar) per defense, one panel per task x variant x setting."""
-    groups = _groups(runs, keys)
-    fig, axes = _grid(max(len(groups), 1))
-    for ax, group in zip(axes, groups, strict=False):
-        names = list(group.rows)
-        for offset, (metric, color, label) in enumerate(
-            [("clean_acc", "tab:blue", "clean accuracy"), ("asr", "tab:red", "attack success rate")]
-        ):
-            means, stds = [], []
-            for name in names:
-                values = [100 * r.after[metric] for r in group.rows[name] if r.after[metric] is not None]
-                means.append(statistics.fmean(values) if values else 0.0)
-                stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-            xs = [i + (offset - 0.5) * 0.38 for i in range(len(names))]
-            ax.bar(xs, means, width=0.38, yerr=stds, color=color, label=label, capsize=3)
-        ax.set_xticks(range(len(names)), [_label(n) for n in names], rotation=15)
-        ax.set_ylim(0, 105)
-        ax.set_ylabel("% (test)")
-        title = f"{group.task} · {group.attack_variant}"
-        if keys:
-            title += "\n" + ", ".join(f"{k}={v}" for k, v in zip(keys, group.settings, strict=True))
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    if groups:
-        axes[0].legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    _savefig(fig, path)
-    return path
-
-
-def plot_prune_ratio(path: Path, runs: Runs, keys: Sequence[str]) -> Path | None:
-    """After-defense clean accuracy (solid) and ASR (dashed) against the prune ratio, one colour per defense.
-
-    Drawn only when some pruning defense was run at more than one prune ratio.
-    """
-    pruning = [r for r in runs.results if r.prunes and r.prune_ratio is not None]
-    if len({r.prune_ratio for r in pruning}) < 2:
-        return None
-    panel_keys = [k for k in keys if k.split(".")[-1] != "prune_ratio"]
-    panels: dict[tuple, dict[str, dict[float, list[DefenseResult]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
-    for r in pruning:
-        panel = (r.task, r.attack_variant, tuple(r.overrides.get(k, "default") for k in panel_keys))
-        panels[panel][r.defense][r.prune_ratio].append(r)
-    fig, axes = _grid(len(panels))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (panel, by_defense) in zip(axes, sorted(panels.items()), strict=True):
-        for i, (defense, by_ratio) in enumerate(sorted(by_defense.items(), key=lambda kv: _defense_order(kv[0]))):
-            ratios = sorted(by_ratio)
-            for metric, style, what in (("clean_acc", "o-", "clean"), ("asr", "s--", "ASR")):
-                means = [_mean_percent([r.after[metric] for r in by_ratio[x]]) for x in ratios]
-                ax.plot(ratios, means, style, color=colors[i % len(colors)], label=f"{_label(defense)}: {what}")
-        title = f"{panel[0]} · {panel[1]}"
-        if panel_keys:
-            title += "\n" + ", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel[2], strict=True))
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("prune ratio")
-        ax.set_ylabel("% after the defense (test)")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    _savefig(fig, path)
-    return path
-
-
-class NoRunsError(FileNotFoundError):
-    """The folder holds no job of this project (no job.json, no Hydra job folder)."""
-
-
-def summarize(
-    folder: str | Path, out_dir: str | Path | None = None, job_errors: Mapping[Path, str] | None = None
-) -> Path:
-    """Write summary.csv, summary.md, summary.png (and prune_ratio.png when a prune ratio varies) for every run
-    under ``folder``, into ``out_dir`` (default: ``folder``); return the path of summary.md.
-
-    Files are replaced atomically, so the summary can be rewritten after every job of a sweep.
-    """
-    runs = collect_runs(folder, job_errors)
-    if runs.jobs == 0:
-        raise NoRunsError(f"no runs under {folder}: no job.json and no Hydra job folder (.hydra/overrides.yaml)")
-    out = Path(out_dir) if out_dir is not None else runs.root
-    keys = varying_keys(runs)
-    write_replace(out / "summary.csv", summary_csv(runs, keys))
-    plot_summary(out / "summary.png", runs, keys)
-    if plot_prune_ratio(out / "prune_ratio.png", runs, keys) is None:
-        (out / "prune_ratio.png").unlink(missing_ok=True)  # a stale plot of an earlier summary would mislead
-    return write_replace(out / "summary.md", summary_markdown(runs, keys))
