@@ -3,7 +3,8 @@
 One ``train.py`` job trains a model (or reuses an identical finished training run, matched on the full
 training config) and applies every defense of ``defenses=[...]`` to it; ``defend.py`` applies them to a
 given checkpoint, or to the newest training run whose training config matches. Every result folder records
-what produced it. The scripts stay thin (as in lightning-hydra-template).
+what produced it. The scripts stay thin (as in lightning-hydra-template); the objects a job builds come from
+``build.py``, so this file reads as the job's steps.
 """
 
 from __future__ import annotations
@@ -12,34 +13,47 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from backdoor_lab import CONF_DIR, config_checks
+from backdoor_lab import config_checks
+from backdoor_lab.build import (
+    attack_variant,
+    build_datamodule,
+    build_defense,
+    build_loggers,
+    build_model,
+    build_trainer,
+    close_loggers,
+    defense_config,
+    defense_names,
+    evaluate,
+    job_overrides,
+    now,
+    output_dir,
+    plain_config,
+    resolved,
+    save_weights,
+    seed_everything,
+    task_name,
+    wandb_run_id,
+)
 from backdoor_lab.checkpoints import load_weights
 from backdoor_lab.data.module import BackdoorDataModule
 from backdoor_lab.defenses.base import Defense, DefenseContext
 from backdoor_lab.defenses.defender_data import DefenderData
-from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.reporting import (
-    log_config,
     log_defense_result,
     log_run_summary,
     plot_prune_curve,
-    wandb_run_settings,
     write_curve_csv,
     write_json,
 )
-from backdoor_lab.reporting.files import atomic_path
 from backdoor_lab.runs import (
     MODEL_DEFINING,
     MODEL_FILE,
@@ -78,135 +92,6 @@ def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dic
                 pass
 
     return wrapped
-
-
-# ----------------------------------------------------------------------------- building blocks
-def output_dir(cfg: DictConfig) -> Path:
-    """This job's folder, absolute: ``paths.run_dir`` (Hydra's output dir unless a caller sets it)."""
-    return Path(cfg.paths.run_dir).resolve()
-
-
-def job_overrides() -> list[str]:
-    """The command-line overrides of this Hydra job ([] outside a Hydra app, e.g. in-process tests)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def build_datamodule(cfg: DictConfig, fit_on: str = "poisoned", setup: bool = True) -> BackdoorDataModule:
-    """The task's DataModule from ``conf/data`` (``_target_``) with the ``conf/attack`` Attack object."""
-    # A partial: Hydra would turn the Attack dataclass back into a config if passed to instantiate.
-    dm = instantiate(cfg.data, _partial_=True)(attack=instantiate(cfg.attack), fit_on=fit_on, seed=cfg.seed)
-    if setup:
-        dm.setup("fit")
-    return dm
-
-
-def build_model(cfg: DictConfig, num_classes: int) -> BackdoorClassifier:
-    net = instantiate(cfg.model.net, num_classes=num_classes)
-    return instantiate(cfg.model, net=net, num_classes=num_classes)
-
-
-def defense_names(cfg: DictConfig) -> list[str]:
-    names = cfg.get("defenses") or []
-    if isinstance(names, str):
-        names = [names]
-    names = list(names)
-    available = sorted(p.stem for p in (CONF_DIR / "defense").glob("*.yaml"))
-    for name in names:
-        if not isinstance(name, str) or name not in available:
-            raise ValueError(f"defenses: unknown defense {name!r}; available: {available} (conf/defense/<name>.yaml)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"defenses: {names} names a defense twice")
-    return names
-
-
-def defense_config(cfg: DictConfig, name: str) -> DictConfig:
-    """``conf/defense/<name>.yaml`` resolved against this run's config (its ``prune`` and ``fine_tune`` nodes)."""
-    root = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    root["_defense"] = OmegaConf.load(CONF_DIR / "defense" / f"{name}.yaml")
-    return OmegaConf.create(OmegaConf.to_container(root["_defense"], resolve=True))
-
-
-def build_defense(cfg: DictConfig, name: str) -> Defense:
-    defense = instantiate(defense_config(cfg, name))
-    if not isinstance(defense, Defense):
-        raise TypeError(f"conf/defense/{name}.yaml builds a {type(defense).__name__}, not a backdoor_lab Defense")
-    defense.name = name
-    return defense
-
-
-def build_loggers(cfg: DictConfig, save_dir: Path, job_type: str, stage: str, config: dict) -> list:
-    """One stage's loggers (CSV, W&B offline ...), each saving under ``save_dir``, with the config as hparams.
-
-    Every stage (the training, each defense) is a W&B run of its own, named and tagged by the job's overrides
-    and grouped by sweep (or by task outside a sweep), so a dashboard can filter and compare them.
-    """
-    loggers = []
-    for lg_cfg in (cfg.get("logger") or {}).values():
-        if lg_cfg is None or "_target_" not in lg_cfg:
-            continue
-        extra: dict[str, Any] = {"save_dir": str(save_dir)}
-        if "WandbLogger" in lg_cfg._target_:
-            group = Path(HydraConfig.get().sweep.dir).name if _in_multirun() else task_name(cfg)
-            extra.update(wandb_run_settings(job_overrides(), job_type, group, task=task_name(cfg)))
-            extra["name"] = f"{extra['name']}-{stage}"
-        loggers.append(instantiate(lg_cfg, **extra))
-    log_config(loggers, config)
-    return loggers
-
-
-def _in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def close_loggers(loggers: list) -> None:
-    """End this stage's W&B run so that the next stage (or the next job of a sweep) starts its own."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
-
-
-def wandb_run_id(loggers: list) -> str | None:
-    return next((lg.experiment.id for lg in loggers if isinstance(lg, WandbLogger)), None)
-
-
-def build_trainer(
-    cfg: DictConfig, run_dir: Path, callbacks: list, max_epochs: int, loggers: list | None = None
-) -> L.Trainer:
-    """A Trainer as ``conf/trainer`` says, with ``conf/callbacks`` writing under ``run_dir``."""
-    callbacks = list(callbacks)
-    for cb_cfg in (cfg.get("callbacks") or {}).values():
-        if cb_cfg is not None and "_target_" in cb_cfg:
-            extra = {"dirpath": str(run_dir / "checkpoints")} if "dirpath" in cb_cfg else {}
-            callbacks.append(instantiate(cb_cfg, **extra))
-    return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=max_epochs, default_root_dir=str(run_dir)
-    )
-
-
-def evaluate(cfg: DictConfig, model: L.LightningModule, dm: BackdoorDataModule) -> dict[str, float]:
-    """Clean accuracy and attack success rate on the test split (the only place the test split is read)."""
-    trainer = instantiate(
-        cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False, enable_checkpointing=False
-    )
-    results = trainer.test(model, datamodule=dm, verbose=False)
-    merged = {k: v for r in results for k, v in r.items()}
-    return {"clean_acc": float(merged["test/clean_acc"]), "asr": float(merged["test/asr"])}
-
-
-def seed_everything(cfg: DictConfig) -> None:
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-
-
-def resolved(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config minus Hydra's and path nodes: what metrics.json and the loggers record."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in data.items() if k not in ("paths",)}
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def refuse_used_run_dir(run_dir: Path) -> None:
@@ -275,22 +160,6 @@ def train_model(cfg: DictConfig, run_dir: Path) -> TrainRun:
     return TrainRun(run_dir, run_dir / MODEL_FILE, metrics)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Plain weights as safetensors (no pickle): loads into the stock model."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path, overwrite=False) as tmp:  # never over an earlier result; the user's umask
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-
-
-def task_name(cfg: DictConfig) -> str:
-    return f"{cfg.data.name}-{cfg.attack.name}"
-
-
-def attack_variant(cfg: DictConfig) -> str:
-    return "pruning_aware" if cfg.get("pruning_aware") else "baseline"
-
-
 # ----------------------------------------------------------------------------- defending
 def check_defenses(cfg: DictConfig, names: list[str], num_classes: int) -> list[Defense]:
     """Build every requested defense and check it against the model before any training or data work."""
@@ -318,7 +187,7 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
         log.info("Before %s: clean accuracy %.4f, ASR %.4f", defense.name, before["clean_acc"], before["asr"])
         config = {
             **resolved(cfg),
-            "defense": {"name": defense.name, **_plain(defense_config(cfg, defense.name))},
+            "defense": {"name": defense.name, **plain_config(defense_config(cfg, defense.name))},
             "train_run": None if run.run_dir is None else str(run.run_dir),
             "train_wandb_run_id": run.metrics.get("wandb_run_id"),
             "checkpoint": str(run.checkpoint),
@@ -342,10 +211,6 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
         close_loggers(loggers)
         results[defense.name] = result
     return results
-
-
-def _plain(node: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True)
 
 
 def write_defense_result(
