@@ -40,13 +40,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from backdoor_lab.defenses.fit_data import batch_transfer, find_clean_loader, find_triggered_loader
-from backdoor_lab.defenses.pruner import (
-    BatchToXY,
-    FinePruner,
-    check_prune_settings,
-    pruning_order,
-    trigger_channel_ranks,
-)
+from backdoor_lab.defenses.pruner import BatchToXY, FinePruner
 from backdoor_lab.defenses.pruning import (
     fold_prune_masks,
     make_permanent,
@@ -55,6 +49,7 @@ from backdoor_lab.defenses.pruning import (
     resolve_layer,
     split_batch,
 )
+from backdoor_lab.defenses.ranking import check_prune_settings, pruning_order, trigger_channel_ranks
 
 log = logging.getLogger(__name__)
 
