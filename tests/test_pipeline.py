@@ -110,7 +110,7 @@ def test_every_experiment_composes_and_builds_its_objects(script: str, experimen
     model = build_model(cfg, len(class_names))
     names = dict(model.named_modules())
     assert isinstance(names[model.prune_layer], torch.nn.Conv2d) and model.rank_layer in names
-    for name in ("none", "fine_tuning", "pruning", "fine_pruning"):
+    for name in ("none", "fine_tuning", "pruning", "fine_pruning", "anp", "nad", "clp"):
         defense = build_defense(cfg, name)
         assert isinstance(defense, Defense) and defense.name == name
         defense.check(model)
@@ -255,6 +255,53 @@ def test_stop_rule_rolls_back_to_the_last_passing_mask_on_a_sharp_threshold(jobs
     assert fails, "the tiny face model must lose accuracy somewhere along its full curve"
     assert len(result["pruned_channels"]) == curve[fails[0] - 1]["pruned"]
     assert result["after"]["clean_acc"] != result["before"]["clean_acc"] or result["pruned_channels"] == []
+
+
+SUCCESSORS = ["defenses=[anp,nad,clp]", "anp.iterations=10", "anp.batch_size=32", "nad.teacher_epochs=1"]
+
+
+@pytest.mark.parametrize("experiment", list(TINY))
+def test_the_successors_defend_every_built_in_task_through_the_pipeline(experiment: str, jobs: dict[str, Path]) -> None:
+    """ANP, NAD and CLP on each task's tiny checkpoint: what each changed in the defended weights, what it read,
+    and what it recorded (masks, teacher, times)."""
+    job = jobs[experiment]
+    cfg = compose_run(
+        "defend",
+        job.parent.parent.parent,
+        "successors",
+        [
+            *experiment_overrides(experiment),
+            *SUCCESSORS,
+            "fine_tune.epochs=1",
+            f"ckpt_path={job / 'model.safetensors'}",
+        ],
+    )
+    results = defend(cfg)["defenses"]
+    out = Path(cfg.paths.run_dir) / "defense"
+    trained = read_state_dict(job / "model.safetensors")
+    n_val = read_json(job / "metrics.json")["data_summary"]["val"]
+    for name in ("anp", "clp"):  # masks recorded per conv layer; masked channels are zero in the defended weights
+        record = results[name]
+        defended = read_state_dict(out / name / "defended.safetensors")
+        convs = [k[: -len(".weight")] for k, v in trained.items() if k.endswith(".weight") and v.dim() == 4]
+        assert set(record["masks"]) <= set(convs) and record["layer_channels"]
+        assert record["pruned_count"] == sum(len(c) for c in record["masks"].values())
+        total = sum(record["layer_channels"].values())
+        assert record["pruned_fraction"] == pytest.approx(record["pruned_count"] / total)
+        for layer, channels in record["masks"].items():
+            kept = [c for c in range(trained[f"{layer}.weight"].shape[0]) if c not in set(channels)]
+            assert defended[f"{layer}.weight"][channels].abs().sum() == 0
+            assert torch.equal(defended[f"{layer}.weight"][kept], trained[f"{layer}.weight"][kept])
+        assert record["fine_tune"]["epochs"] == 0 and record["wall_s"] > 0
+    assert results["anp"]["iterations"] == 10 and len(results["anp"]["mask_values"]) == len(results["anp"]["masks"])
+    nad = results["nad"]
+    assert nad["fine_tune"]["fit_on"] == "defender_clean" and nad["fine_tune"]["samples"] == n_val
+    assert nad["fine_tune"]["epochs"] == 1 and nad["teacher"]["epochs"] == 1
+    assert nad["attention_layers"] == cfg.model.attention_layers
+    defended = read_state_dict(out / "nad" / "defended.safetensors")
+    assert not torch.equal(defended["net.conv1.weight"], trained["net.conv1.weight"])  # the student was trained
+    for name in ("anp", "nad", "clp"):
+        assert read_json(out / name / "metrics.json")["after"] == results[name]["after"]
 
 
 # ----------------------------------------------------------------------------- pairing runs

@@ -80,6 +80,11 @@ def test_paper_and_ablation_sweeps_are_one_word(tmp_path: Path) -> None:
     ablation = _compose("train", ["sweep=ablation"])
     assert ablation.hydra.sweeper.params["fine_tune.epochs"] == "5,20,100"
     assert list(ablation.defenses) == ["fine_tuning", "fine_pruning"]
+    defenses = _compose("train", ["sweep=defenses"])
+    assert defenses.hydra.sweeper.params == params  # the same checkpoints: tasks, attacks and seeds as sweep=paper
+    successors = ["none", "fine_tuning", "pruning", "fine_pruning", "anp", "nad", "clp"]
+    assert list(defenses.defenses) == successors
+    assert sorted(successors) == sorted(p.stem for p in (CONF / "defense").glob("*.yaml"))  # every plug-in
 
 
 def test_launcher_and_sweeper_configs_compose() -> None:

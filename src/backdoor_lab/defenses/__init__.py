@@ -8,10 +8,12 @@ from backdoor_lab.defenses.base import Defense, DefenseContext, FineTuneBudget, 
 from backdoor_lab.defenses.clp import CLP, CLPCallback, CLPSettings
 from backdoor_lab.defenses.defender_data import DefenderData, SplitOutOfReach
 from backdoor_lab.defenses.methods import FinePruning, FineTuning, NoDefense, Pruning
+from backdoor_lab.defenses.nad import NAD, NADCallback, NADSettings
 
 __all__ = [
     "ANP",
     "CLP",
+    "NAD",
     "ANPCallback",
     "ANPSettings",
     "CLPCallback",
@@ -22,6 +24,8 @@ __all__ = [
     "FinePruning",
     "FineTuneBudget",
     "FineTuning",
+    "NADCallback",
+    "NADSettings",
     "NoDefense",
     "PruneSettings",
     "Pruning",

@@ -22,14 +22,18 @@ Where it departs, and why:
   defenses on one budget. The teacher is fine-tuned with the same budget's optimizer at a constant learning rate
   (BackdoorBench also builds the teacher's optimizer from the student's settings); the budget's scheduler is not
   used, since its length is the student's epochs, not the teacher's.
-* The teacher is fine-tuned on the defender's clean split only, reshuffled each epoch from a forked generator, and
-  nothing is ever measured on test data (BackdoorBench evaluates its teacher and student on the test split every
-  epoch and keeps the "best" student by test accuracy: a leak this project does not repeat).
+* The teacher is fine-tuned on the defender's clean split only, reshuffled each epoch from a forked generator (the
+  student's random stream is untouched), and nothing is measured on test data (the reference and BackdoorBench
+  evaluate on the test split every epoch and save a "best" student chosen by test accuracy: a leak not repeated).
+* The record's attention distances are measured on the defender's clean split, in eval mode, before and after.
 * The layers are named, read with forward hooks, not taken from ``children()[:-k]`` of the network (BackdoorBench
   re-runs truncated ``nn.Sequential`` copies of the network for every layer and every batch, and an older revision
   of its ``train_step`` called ``.detach()`` on the attention loss, which turned NAD into plain fine-tuning).
-* No data augmentation (the reference fine-tunes with random crops and flips): the defender's split is used as the
-  pipeline hands it over, as for the other fine-tuning defenses.
+* No data augmentation (the reference's README fine-tunes its teacher "with data augmentation techniques"): the
+  defender's split is used as the pipeline hands it over, as for the other fine-tuning defenses.
+* The betas are the reference's, but their effect scales with the learning rate and the maps' sizes: with a large
+  ``beta * lr`` the term overshoots (seen on tiny nets here), so a new model/budget pair deserves a look at the
+  logged ``nad/attention_loss``.
 
 ``NADCallback`` is the Lightning form, usable in any plain fit; ``NAD`` is the plug-in defense built from
 ``conf/defense/nad.yaml`` (settings from the root ``nad`` node, ``conf/nad/default.yaml``).
