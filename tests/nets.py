@@ -42,3 +42,14 @@ class SigmoidNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.sigmoid(self.conv(x)).flatten(1))
+
+
+class LinearOnly(nn.Module):
+    """A network with no conv layer: what every channel-pruning defense must refuse in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)

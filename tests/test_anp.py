@@ -10,7 +10,6 @@ leaves the backdoor channel's mask at 1 and fails the known-answer tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 
 import lightning as L
@@ -33,7 +32,7 @@ from backdoor_lab.defenses.anp import (
 )
 from backdoor_lab.defenses.methods import NO_FINE_TUNING
 from backdoor_lab.models.classifier import BackdoorClassifier
-from tests.nets import Residual
+from tests.nets import LinearOnly, Residual
 from tests.test_known_answer import attack_success, clean_accuracy, make_trainer, snapshot
 from tests.trainers import quiet_trainer
 
@@ -42,13 +41,7 @@ BACKDOOR = 3  # the planted backdoor channel of PlantedNet
 FAST = ANPSettings(iterations=40, batch_size=8)  # tiny tensors: a few dozen steps settle every mask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only contends with the other tests on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PlantedNet(nn.Module):
@@ -331,22 +324,13 @@ def test_bad_settings_are_refused_with_the_key_named(key: str, value: object) ->
     assert "\n" not in str(info.value)
 
 
-class NoConv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(x)
-
-
 def test_a_model_without_convs_is_refused_in_one_line() -> None:
-    model = BackdoorClassifier(net=NoConv(), num_classes=2, optimizer=partial(torch.optim.SGD, lr=0.1))
+    model = BackdoorClassifier(net=LinearOnly(), num_classes=2, optimizer=partial(torch.optim.SGD, lr=0.1))
     with pytest.raises(ValueError, match=r"^anp: ANP masks conv channels and BackdoorClassifier has no nn\.Conv2d$"):
         ANP(ANPSettings()).check(model)
     data = DataLoader(TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), batch_size=4)
-    with pytest.raises(ValueError, match=r"^anp: ANP masks conv channels and NoConv has no nn\.Conv2d$"):
-        optimize_masks(NoConv(), data, FAST)
+    with pytest.raises(ValueError, match=r"^anp: ANP masks conv channels and LinearOnly has no nn\.Conv2d$"):
+        optimize_masks(LinearOnly(), data, FAST)
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")

@@ -11,7 +11,6 @@ checkpoints and resume, the refusals, the config, and that CLP never reads a sam
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from functools import partial
 
 import lightning as L
@@ -28,8 +27,8 @@ from backdoor_lab.defenses.clp import CLP, CLPCallback, CLPSettings, channel_lip
 from backdoor_lab.defenses.methods import NO_FINE_TUNING
 from backdoor_lab.models.classifier import BackdoorClassifier
 from tests.conftest import CONF
-from tests.nets import Residual
-from tests.test_known_answer import attack_success, clean_accuracy
+from tests.nets import LinearOnly, Residual
+from tests.test_known_answer import attack_success, clean_accuracy, make_trainer
 from tests.trainers import quiet_trainer
 
 TARGET = 0
@@ -37,17 +36,7 @@ BACKDOOR = 15  # the planted backdoor channel of PlantedLipschitzNet
 CHANNELS = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only contends with the other tests on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_trainer(callbacks: list, epochs: int) -> L.Trainer:
-    return quiet_trainer(None, callbacks, epochs, num_sanity_val_steps=0, deterministic=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rank_one(sigma: float, in_channels: int, taps: int) -> Tensor:
@@ -386,17 +375,8 @@ def test_checkpoints_hold_plain_weights_and_a_resumed_fit_reinstalls_the_masks(t
 # --------------------------------------------------------------------------------------------------------
 
 
-class NoConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(x)
-
-
 def test_a_model_without_conv_layers_is_refused_in_one_line() -> None:
-    model = BackdoorClassifier(net=NoConvNet(), num_classes=2, optimizer=partial(torch.optim.SGD, lr=0.1))
+    model = BackdoorClassifier(net=LinearOnly(), num_classes=2, optimizer=partial(torch.optim.SGD, lr=0.1))
     with pytest.raises(ValueError, match=r"^clp: CLP prunes conv channels and BackdoorClassifier has none$"):
         CLP(CLPSettings()).check(model)
     with pytest.raises(MisconfigurationException, match="CLPCallback masks conv channels"):

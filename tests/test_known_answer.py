@@ -17,7 +17,7 @@ and only the fine-tuning after pruning removes the rest: they fail if fine-pruni
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -49,13 +49,7 @@ TARGET = 0  # the attacker's class in every test here
 MAX_DROP = 0.04  # the stop rule's accuracy budget, as conf/defense
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only contends with the other tests on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------
