@@ -365,33 +365,14 @@ def choose_pruned(mask_values: Mapping[str, Sequence[float]], settings: ANPSetti
 
 
 def anp_masks(
-    model: nn.Module,
-    clean_loader: Iterable,
-    settings: ANPSettings,
-    *,
-    transfer: Callable[[Any, int], Any] | None = None,
-    batch_to_xy: BatchToXY = split_batch,
-    forward_context: Callable[[], AbstractContextManager] = nullcontext,
-    generator: torch.Generator | None = None,
-    dataloader_idx: int = 0,
-    progress: bool = False,
+    model: nn.Module, clean_loader: Iterable, settings: ANPSettings, **search: Any
 ) -> tuple[ChannelMasks, MaskValues]:
     """ANP on a plain PyTorch classifier: ``(pruned channels per conv, mask values per conv)``.
 
-    Arguments as ``optimize_masks``. The masks are returned, not installed (the model is left as it was):
-    ``channel_masks.apply_channel_masks(model, masks)`` installs them.
+    ``search``: the keyword arguments of ``optimize_masks``. The masks are returned, not installed (the model is
+    left as it was): ``channel_masks.apply_channel_masks(model, masks)`` installs them.
     """
-    values = optimize_masks(
-        model,
-        clean_loader,
-        settings,
-        transfer=transfer,
-        batch_to_xy=batch_to_xy,
-        forward_context=forward_context,
-        generator=generator,
-        dataloader_idx=dataloader_idx,
-        progress=progress,
-    )
+    values = optimize_masks(model, clean_loader, settings, **search)
     return choose_pruned(values, settings), values
 
 
