@@ -74,3 +74,45 @@ def test_readme_command_runs_as_written(command: str, workdir: Path) -> None:
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     if "backdoor_lab.reporting" in command:
         assert "| Initial |" in done.stdout or "| Fine-pruning |" in done.stdout
+
+
+def test_the_successor_callbacks_example_runs_as_written() -> None:
+    """The README's callbacks example, executed verbatim on a tiny model whose backbone has the named layers."""
+    import lightning as L
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from backdoor_lab.defenses import DefenderData
+
+    block = README.split("### The successors as callbacks", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, flags=re.S).group(1)
+
+    class Model(L.LightningModule):  # a user's own module: the names are its own (backbone.layer3, ...)
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Sequential()
+            self.backbone.add_module("layer3", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+            self.backbone.add_module("layer4", nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x).mean(dim=(2, 3)))
+
+        def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 2, (16,))
+    triggered = TensorDataset(x, torch.zeros_like(y), y)
+    dm = DefenderData(TensorDataset(x, y), triggered, class_names=["a", "b"], batch_size=8)
+    model = Model()
+    before = model.backbone.layer3[0].weight.detach().clone()
+    namespace = {"L": L, "model": model, "dm": dm}
+    exec(code.replace("max_epochs=20", "max_epochs=2, enable_progress_bar=False, logger=False"), namespace)
+    nad = namespace["callbacks"][0]
+    assert nad.teacher_record["epochs"] == 10 and nad.teacher_state is not None
+    assert not torch.equal(model.backbone.layer3[0].weight, before)  # the student was trained
