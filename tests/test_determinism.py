@@ -23,8 +23,9 @@ TWIN = ["debug=tiny", "trainer.max_epochs=2", "defenses=[fine_pruning]", "reuse=
 
 
 def comparable(metrics: dict[str, Any], job_dir: Path) -> str:
-    """metrics.json without its timestamp (``finished``), the job's own folder written as ``<job>``."""
-    stripped = {k: v for k, v in metrics.items() if k != "finished"}
+    """metrics.json without its clock readings (``finished``, a defense's ``wall_s``), the job's own folder
+    written as ``<job>``."""
+    stripped = {k: v for k, v in metrics.items() if k not in ("finished", "wall_s")}
     return json.dumps(stripped, sort_keys=True).replace(str(job_dir), "<job>")
 
 
