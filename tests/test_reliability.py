@@ -213,7 +213,7 @@ BAD_SETTINGS = [
     ("trainer.max_epochs=0", r"trainer\.max_epochs must be an integer >= 1, got 0"),
     ("reuse=maybe", r"reuse must be true or false, got 'maybe'"),
     ("data.source.scale=0", r"data\.source\.scale must be a positive number .*, got 0"),
-    ("+foo=1", r"foo=1 is not a setting: the top-level keys are \['attack'"),
+    ("+foo=1", r"foo=1 is not a setting: the top-level keys are \['anp', 'attack'"),
     ("+model.net.widht=3", r"model\.net\.widht=3 is not a setting of backdoor_lab\.models\.traffic_cnn\.TrafficSign"),
     ("+prune.ratio=0.5", r"prune\.ratio=0\.5 is not a setting of backdoor_lab\.defenses\.PruneSettings"),
 ]  # fmt: skip

@@ -41,7 +41,8 @@ class BackdoorClassifier(L.LightningModule):
         attention_layers: list[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        # attention_layers arrives as an OmegaConf list, which a weights-only checkpoint load refuses to unpickle
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "attention_layers"])
         self.net = net
         self.prune_layer = prune_layer
         self.rank_layer = rank_layer or prune_layer
