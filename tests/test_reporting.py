@@ -360,3 +360,30 @@ def test_each_defense_time_is_tabled_and_a_new_defense_is_labelled(tmp_path: Pat
     assert "| Fine-tuning | 98.00 ± 0.00 (2) | 90.00 ± 0.00 (2) | – |" in text
     rows = list(csv.DictReader((root / "summary.csv").open()))
     assert sorted(r["wall_s"] for r in rows if r["defense"] == "anp") == ["30.0", "90.0"]
+
+
+def test_exported_records_summarize_to_the_same_table_and_hold_no_weights(sweep: Path, tmp_path: Path) -> None:
+    """bench/export_records.py: what a commit keeps of a sweep gives the sweep's own table, from the copies alone."""
+    import importlib.util
+
+    from backdoor_lab.reporting.side_by_side import defense_table, read_summary_csv
+
+    spec = importlib.util.spec_from_file_location(
+        "export_records", Path(__file__).parents[1] / "bench/export_records.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summarize(sweep)
+    for job in sweep.glob("*/"):
+        (job / "model.safetensors").write_bytes(b"weights")  # must not travel
+    out = tmp_path / "records"
+    written = module.export(sweep, out)
+    assert {p.name for p in written} >= {"signs-badnets-baseline-seed0", "signs-badnets-baseline-seed2"}
+    assert not list(out.rglob("*.safetensors"))
+    exported, original = read_summary_csv(out / "summary.csv"), read_summary_csv(sweep / "summary.csv")
+    done = [r for r in original if (sweep / r["job_dir"] / "job.json").is_file()]
+    status = {r["job_dir"]: json.loads((sweep / r["job_dir"] / "job.json").read_text())["status"] for r in done}
+    kept = [r for r in done if status[r["job_dir"]] == "done"]
+    assert defense_table(exported) == defense_table(kept)
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        module.export(sweep, out)

@@ -73,7 +73,8 @@ def defense_times(rows: Sequence[Row]) -> str:
     """``| defense | <task> ... |``: each defense's own wall time, mean over seeds and attack variants."""
     times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        times[str(row["defense"])][str(row["task"])].extend(_floats([row.get("wall_s")]))
+        if row["defense"] != "none":  # the Initial row measures, it does not defend
+            times[str(row["defense"])][str(row["task"])].extend(_floats([row.get("wall_s")]))
     tasks = sorted({str(row["task"]) for row in rows})
     lines = ["| defense | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for defense in _order(times):
