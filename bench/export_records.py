@@ -2,7 +2,8 @@
 
     python bench/export_records.py outputs/train/multirun-<...> docs/results/defenses_sweep
 
-Per job, into ``<task>-<attack variant>-seed<N>/`` (``-job<K>`` added where a sweep varies another setting): ``job.json``, the training run's ``metrics.json`` as
+Per job, into ``<task>-<attack variant>-seed<N>/`` (``-job<K>`` added where a sweep varies another setting):
+``job.json``, the training run's ``metrics.json`` as
 ``train_metrics.json``, every defense's ``defense/<name>/metrics.json``, and the prune curves (csv, png). Then
 ``summary.{md,csv,png}`` are written from the copies alone (``python -m backdoor_lab.reporting <folder>`` does the
 same again), so every figure of the README traces to a committed file: the tables through
