@@ -126,12 +126,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(strategy: str, curve: str, out: Path) -> dict[str, dict]:
+def run_two_processes(strategy: str, curve: str, out: Path, module: str = "tests.test_callback_ddp") -> dict[str, dict]:
+    """Run ``module`` as a 2-process script (``python -m module STRATEGY CURVE OUT``); every JSON it wrote in OUT."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(ROOT)}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(var, None)
     done = subprocess.run(
-        [sys.executable, "-m", "tests.test_callback_ddp", strategy, curve, str(out)],
+        [sys.executable, "-m", module, strategy, curve, str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
