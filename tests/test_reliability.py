@@ -235,9 +235,15 @@ def test_speech_val_fraction_names_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
-def test_every_shipped_config_passes_the_checks(experiment: str, tmp_path: Path) -> None:
-    """No false alarm (defend.py's config differs only in its own top-level keys, checked by every defend test)."""
-    config_checks.check(compose_run("train", tmp_path, "r", [f"experiment={experiment}", "logger=many"]))
+@pytest.mark.parametrize("script", ["train", "defend"])
+def test_every_shipped_config_passes_the_checks(experiment: str, script: str, tmp_path: Path) -> None:
+    """No false alarm, for train.py and defend.py, with every defense asked for."""
+    overrides = [
+        f"experiment={experiment}",
+        "logger=many",
+        "defenses=[none,fine_tuning,pruning,fine_pruning,anp,nad,clp]",
+    ]
+    config_checks.check(compose_run(script, tmp_path, "r", overrides))
 
 
 # ----------------------------------------------------------------------------- one line per user error
@@ -352,6 +358,35 @@ def test_train_py_user_error_in_a_real_process(tmp_path: Path) -> None:
     assert line in done.stderr.splitlines()
     assert (done.stdout + done.stderr).count("prune_ratio") == 2  # the line, and Hydra's list of the overrides
     assert "Traceback" not in done.stdout + done.stderr
+
+
+BUG_IN_A_LIBRARY = """
+import sys
+import numpy as np
+import backdoor_lab.pipeline as pipeline
+
+def train_model(cfg, run_dir):
+    np.zeros(2).reshape(3)  # a ValueError raised inside numpy: a bug, not the user's to fix
+
+pipeline.train_model = train_model
+from backdoor_lab.cli import train_main
+sys.argv = ["train.py", "debug=tiny", "defenses=[]", "reuse=false"]
+train_main()
+"""
+
+
+def test_a_bug_in_a_real_process_prints_its_traceback_once(tmp_path: Path) -> None:
+    """Row 49 end to end: a library's ValueError deep in the job is a bug: exit 1, its traceback exactly once."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", BUG_IN_A_LIBRARY], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    printed = done.stdout + done.stderr
+    assert done.returncode == 1
+    assert printed.count("Traceback (most recent call last)") == 1
+    assert printed.count("ValueError: cannot reshape array of size 2 into shape (3,)") == 1
+    assert "train failed:" not in printed  # not reported as the user's mistake
 
 
 # ----------------------------------------------------------------------------- data cache
