@@ -19,6 +19,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,8 +42,11 @@ def main() -> None:
     trained = json.loads(next(Path(outputs, "train").glob("*/*/metrics.json")).read_text())
     defended = json.loads(next(Path(outputs, "defend").glob("*/*/defense/fine_pruning/metrics.json")).read_text())
     cpu = platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    print(f"machine: {os.cpu_count()} cores {cpu}, {device}; torch {torch.__version__}")
     row = (
-        f"| {date.today()} | {experiment} {' '.join(extra)} | {os.cpu_count()} cores {cpu} | {t_train:.0f} s | "
+        f"| {date.today()} | {experiment} {' '.join(extra)} | {os.cpu_count()} cores {cpu}, {device} | "
+        f"{t_train:.0f} s | "
         f"{trained['clean_acc']:.4f} / {trained['asr']:.4f} | {t_defend:.0f} s | {defended['pruned_fraction']:.3f} | "
         f"{defended['after']['clean_acc']:.4f} / {defended['after']['asr']:.4f} |"
     )

@@ -123,7 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (these figures are CPU ones)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
     print(
         "| network | channels | one plain pass | rank pass | curve after it | rank + curve: ratio (range of runs) "
         "| arithmetic, rank + curve | exact tail runs | old way (~64 points) | old, per channel |"

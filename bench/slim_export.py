@@ -58,7 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (these figures are CPU ones)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
     latency_cols = " | ".join(f"batch {b}: dense / slim ms (speed-up)" for b in args.batches)
     print(
         f"| network (layer) | pruned | params dense / slim | file dense / slim | MACs per sample dense / slim "

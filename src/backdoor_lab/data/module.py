@@ -39,6 +39,7 @@ class BackdoorDataModule(L.LightningDataModule):
             ``"clean"`` (the attacker's clean training set, the first stage of the pruning-aware attack) or
             ``"defender_clean"`` (the defender's clean validation split, for fine-tuning).
         seed: chooses the poisoned samples and the per-epoch shuffling.
+        pin_memory: page-locked batches, so that a GPU copies them without blocking (None: when CUDA is there).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class BackdoorDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 0,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         if fit_on not in FIT_ON:
@@ -66,6 +68,7 @@ class BackdoorDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.datasets: dict[str, TensorDataset] = {}
         self._raw: dict[str, tuple[RawSplit, np.ndarray | None]] = {}
         self.summary: dict[str, Any] = {}
@@ -139,6 +142,7 @@ class BackdoorDataModule(L.LightningDataModule):
             shuffle=train,
             num_workers=self.num_workers,
             drop_last=False,
+            pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -31,6 +31,7 @@ class DefenderData(L.LightningDataModule):
         batch_size: batches of the fine-tuning fits (shuffled).
         eval_batch_size: batches of every evaluation pass.
         num_workers: DataLoader workers.
+        pin_memory: page-locked batches for a GPU's non-blocking copies.
     """
 
     fit_on = "defender_clean"  # what ``train_dataloader`` yields, as the records name it
@@ -43,6 +44,7 @@ class DefenderData(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 512,
         num_workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self._clean = clean
@@ -51,6 +53,7 @@ class DefenderData(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
 
     @classmethod
     def of(cls, datamodule: Any) -> DefenderData:
@@ -62,6 +65,7 @@ class DefenderData(L.LightningDataModule):
             batch_size=datamodule.batch_size,
             eval_batch_size=datamodule.eval_batch_size,
             num_workers=datamodule.num_workers,
+            pin_memory=datamodule.pin_memory,
         )
 
     @property
@@ -78,6 +82,7 @@ class DefenderData(L.LightningDataModule):
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> DataLoader:
