@@ -7,6 +7,7 @@ line before it; ``backdoor_lab.reporting.side_by_side`` recomputes it from that 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -44,3 +45,21 @@ def test_side_by_side_recomputes_cells_from_rows(capsys: pytest.CaptureFixture[s
     # means and sample std in percent: (90, 80) -> 85.00 ± 7.07; (100, 90) -> 95.00 ± 7.07
     assert "| t | baseline | 85.00 ± 7.07 / 95.00 ± 7.07 (2) | 80.00 ± 7.07 / 20.00 ± 14.14 (2) |" in out
     assert "| CLP | 3 s |" in out and "| Initial |" not in out.split("own time")[1]
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}".replace("100.0", "100")
+
+
+@pytest.mark.parametrize(
+    ("task", "folder", "channels"),
+    [("faces", "face-sunglasses", 60), ("signs", "signs-badnets", 256), ("speech", "speech-noise", 64)],
+)
+def test_the_pruning_aware_stages_quoted_are_the_records(task: str, folder: str, channels: int) -> None:
+    """The README's pruning-aware stages (clean / ASR after each stage, decoys) from the seed-0 training records."""
+    record = json.loads(
+        (ROOT / f"docs/results/paper_sweep/{folder}-pruning_aware-seed0/train_metrics.json").read_text()
+    )
+    stages = " → ".join(f"{_percent(s['clean_acc'])}/{_percent(s['asr'])}" for s in record["stages"].values())
+    quoted = f"{task} {stages} ({len(record['decoy_channels'])}/{channels}"
+    assert quoted in " ".join(README.split()), quoted
