@@ -7,8 +7,10 @@ line before it; ``backdoor_lab.reporting.side_by_side`` recomputes it from that 
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,27 @@ def test_the_pruning_aware_stages_quoted_are_the_records(task: str, folder: str,
     stages = " → ".join(f"{_percent(s['clean_acc'])}/{_percent(s['asr'])}" for s in record["stages"].values())
     quoted = f"{task} {stages} ({len(record['decoy_channels'])}/{channels}"
     assert quoted in " ".join(README.split()), quoted
+
+
+def _stop_rule(curve_csv: Path, max_drop: float = 0.04) -> int:
+    """The channels the stop rule keeps pruned, read off a committed val prune curve (the last passing point)."""
+    rows = list(csv.DictReader(curve_csv.open()))
+    floor = float(rows[0]["clean_acc"]) - max_drop
+    first_fail = next((i for i, r in enumerate(rows) if float(r["clean_acc"]) < floor), len(rows))
+    return int(rows[first_fail - 1]["pruned"])
+
+
+def test_the_channels_pruned_past_the_decoys_are_the_records() -> None:
+    """ "the stop rule then prunes only 2 (faces, 50/60), ..." from the committed curves and training records."""
+    quoted = []
+    for task, folder, channels in (
+        ("faces", "face-sunglasses", 60),
+        ("signs", "signs-badnets", 256),
+        ("speech", "speech-noise", 64),
+    ):
+        job = ROOT / "docs/results/paper_sweep" / f"{folder}-pruning_aware-seed0"
+        decoys = len(json.loads((job / "train_metrics.json").read_text())["decoy_channels"])
+        kept = _stop_rule(job / "prune_curve.csv")
+        quoted.append(f"{kept - decoys} ({task}, {kept}/{channels})")
+    text = " ".join(README.split())
+    assert f"prunes only {quoted[0]}, {quoted[1]} and {quoted[2]} channels that carry anything" in text, quoted
