@@ -89,3 +89,17 @@ def test_the_channels_pruned_past_the_decoys_are_the_records() -> None:
         quoted.append(f"{kept - decoys} ({task}, {kept}/{channels})")
     text = " ".join(README.split())
     assert f"prunes only {quoted[0]}, {quoted[1]} and {quoted[2]} channels that carry anything" in text, quoted
+
+
+def test_the_fine_tuning_budget_table_is_the_ablation_records() -> None:
+    """The README's 5 / 20 / 100-epoch table, row by row, from docs/results/ablation_seed0/<task>_summary.csv."""
+    for task in ("speech", "signs", "faces"):
+        rows = read_summary_csv(ROOT / "docs/results/ablation_seed0" / f"{task}_summary.csv")
+        for i, defense in enumerate(("fine_tuning", "fine_pruning")):
+            cells = []
+            for epochs in ("5", "20", "100"):
+                (row,) = [r for r in rows if r["defense"] == defense and r["fine_tune.epochs"] == epochs]
+                cells.append(f"{100 * float(row['after_clean_acc']):.2f} / {100 * float(row['after_asr']):.2f}")
+            label = f"| {task} |" if i == 0 else "| |"
+            line = f"{label} {defense.replace('_', '-')} | " + " | ".join(cells) + " |"
+            assert line in README.splitlines(), line
