@@ -103,3 +103,23 @@ def test_the_fine_tuning_budget_table_is_the_ablation_records() -> None:
             label = f"| {task} |" if i == 0 else "| |"
             line = f"{label} {defense.replace('_', '-')} | " + " | ".join(cells) + " |"
             assert line in README.splitlines(), line
+
+
+def test_the_paper_tables_wall_times_are_the_job_records() -> None:
+    """ "29 min for one seed ... signs 3.1 min, signs pruning-aware 4.7, ...": seeds 1 and 2's job.json times."""
+    names = {"signs-badnets": "signs", "speech-noise": "speech", "face-sunglasses": "faces"}
+    parts, total = [], 0.0
+    for folder, task in names.items():
+        for variant in ("baseline", "pruning_aware"):
+            times = [
+                json.loads(
+                    (ROOT / "docs/results/paper_sweep" / f"{folder}-{variant}-seed{s}" / "job.json").read_text()
+                )["wall_s"]
+                for s in (1, 2)
+            ]
+            minutes = sum(times) / len(times) / 60
+            total += minutes
+            parts.append(f"{task}{' pruning-aware' if variant == 'pruning_aware' else ''} {minutes:.1f}")
+    text = " ".join(README.split())
+    assert f"Wall time: {total:.0f} min for one seed of the whole table" in text
+    assert f"{parts[0]} min, " + ", ".join(parts[1:]) in text, parts
