@@ -123,3 +123,30 @@ def test_the_paper_tables_wall_times_are_the_job_records() -> None:
     text = " ".join(README.split())
     assert f"Wall time: {total:.0f} min for one seed of the whole table" in text
     assert f"{parts[0]} min, " + ", ".join(parts[1:]) in text, parts
+
+
+def _curve(folder: str) -> list[dict[str, float]]:
+    path = ROOT / "docs/results/paper_sweep" / f"{folder}-baseline-seed0" / "prune_curve.csv"
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(path.open())]
+
+
+def test_the_prune_curve_facts_quoted_are_the_seed_zero_curves() -> None:
+    """The "Why pruning does not reach ..." paragraph's curve figures, from the committed seed-0 val curves."""
+    text = " ".join(README.split())
+    signs, faces, speech = _curve("signs-badnets"), _curve("face-sunglasses"), _curve("speech-noise")
+    n_signs, n_faces, n_speech = len(signs), len(faces), len(speech)  # points 0 .. n-1: one per channel count
+    stop = signs[_stop_rule(ROOT / "docs/results/paper_sweep/signs-badnets-baseline-seed0/prune_curve.csv")]
+    below = next(p for p in signs if p["asr"] < 0.5)
+    assert (
+        f"signs' ASR is still {100 * stop['asr']:.1f}% at the stop ({stop['pruned']:.0f}/{n_signs}, clean "
+        f"{100 * stop['clean_acc']:.1f}%) and first drops below 50% at {below['pruned']:.0f}/{n_signs}, where clean "
+        f"accuracy is {100 * below['clean_acc']:.1f}%" in text
+    )
+    lowest, last = min(faces, key=lambda p: p["asr"]), faces[-1]
+    assert (
+        f"faces' ASR never falls below {100 * lowest['asr']:.1f}% (its minimum, at {lowest['pruned']:.0f}/{n_faces} "
+        f"pruned with clean accuracy {100 * lowest['clean_acc']:.1f}%) up to the curve's last point, "
+        f"{last['pruned']:.0f}/{n_faces} ({100 * last['asr']:.1f}%)" in text
+    )
+    kept = speech[_stop_rule(ROOT / "docs/results/paper_sweep/speech-noise-baseline-seed0/prune_curve.csv")]
+    assert f"pruning at the stop ({kept['pruned']:.0f}/{n_speech}) leaves {100 * kept['asr']:.1f}% ASR on val" in text
