@@ -150,3 +150,15 @@ def test_the_prune_curve_facts_quoted_are_the_seed_zero_curves() -> None:
     )
     kept = speech[_stop_rule(ROOT / "docs/results/paper_sweep/speech-noise-baseline-seed0/prune_curve.csv")]
     assert f"pruning at the stop ({kept['pruned']:.0f}/{n_speech}) leaves {100 * kept['asr']:.1f}% ASR on val" in text
+
+
+def test_the_signs_variation_quoted_is_its_records() -> None:
+    """ "10 epochs: fine-pruning ends at 1.00% ASR; seed 1: 79.50%" from docs/results/signs_badnets/."""
+    asr = {
+        name: json.loads((ROOT / "docs/results/signs_badnets" / name / "fine_pruning_metrics.json").read_text())[
+            "after"
+        ]["asr"]
+        for name in ("trainer_max_epochs_10", "seed_1")
+    }
+    quoted = f"10 epochs: fine-pruning ends at {100 * asr['trainer_max_epochs_10']:.2f}% ASR; seed 1: {100 * asr['seed_1']:.2f}%"
+    assert quoted in " ".join(README.split()), quoted
