@@ -163,3 +163,16 @@ def test_the_signs_variation_quoted_is_its_records() -> None:
     deeper, seed_1 = 100 * asr["trainer_max_epochs_10"], 100 * asr["seed_1"]
     quoted = f"10 epochs: fine-pruning ends at {deeper:.2f}% ASR; seed 1: {seed_1:.2f}%"
     assert quoted in " ".join(README.split()), quoted
+
+
+def test_the_trigger_channel_ranks_quoted_are_the_fine_pruning_records() -> None:
+    """`trigger_channel_ranks` in "Why pruning does not reach ...": the defenses sweep's seed-0 fine-pruning records."""
+    text = " ".join(README.split())
+    for task, folder, channels in (
+        ("signs", "signs-badnets", 256),
+        ("faces", "face-sunglasses", 60),
+        ("speech", "speech-noise", 64),
+    ):
+        path = ROOT / "docs/results/defenses_sweep" / f"{folder}-baseline-seed0" / "defense/fine_pruning/metrics.json"
+        ranks = json.loads(path.read_text())["trigger_channel_ranks"]
+        assert f"{ranks} of {channels} for {task}" in text, (task, ranks)
