@@ -13,7 +13,7 @@ weights that checkpoints carry, keep them in the callback's state so that a resu
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -47,6 +47,12 @@ def fold_channel_masks(model: nn.Module, layers: Sequence[str]) -> None:
     """Fold the masks of ``layers`` into plain weights (export); masked channels stay zero."""
     for layer in layers:
         make_permanent([m for _, m in masked_modules(model, layer)])
+
+
+def layer_channels(model: nn.Module, layers: Iterable[str]) -> dict[str, int]:
+    """Each named conv layer's output-channel count: what a mask's pruned share is taken over."""
+    modules = dict(model.named_modules())
+    return {name: modules[name].out_channels for name in layers}
 
 
 def masks_record(masks: Mapping[str, Sequence[int]], num_channels: Mapping[str, int]) -> dict[str, Any]:
@@ -101,8 +107,7 @@ class ChannelMaskCallback(Callback):
             with torch.random.fork_rng(devices=[]):
                 masks = self.find_masks(trainer, pl_module)
             self.masks = {k: sorted(int(c) for c in v) for k, v in trainer.strategy.broadcast(masks, src=0).items()}
-            modules = dict(pl_module.named_modules())
-            self.num_channels = {name: modules[name].out_channels for name, _, _ in conv_units(pl_module)}
+            self.num_channels = layer_channels(pl_module, self.masks)  # the layers the search scored
             self.masked = True
         self.apply_masks(pl_module)
 

@@ -41,6 +41,7 @@ from backdoor_lab.defenses.channel_masks import (
     apply_channel_masks,
     conv_units,
     fold_channel_masks,
+    layer_channels,
     masks_record,
 )
 from backdoor_lab.defenses.methods import NO_FINE_TUNING
@@ -142,11 +143,6 @@ def thresholds(uclc: dict[str, list[float]], u: float) -> dict[str, float | None
     return out
 
 
-def num_channels(model: nn.Module, layers: Iterable[str]) -> dict[str, int]:
-    modules = dict(model.named_modules())
-    return {name: modules[name].out_channels for name in layers}
-
-
 class CLPCallback(ChannelMaskCallback):
     """CLP in any Lightning fit: prunes at fit start from the weights alone; the epochs after it (if any) fine-tune
     with the masks kept. The masks and every channel's UCLC are kept in the callback's state (resume, records).
@@ -216,7 +212,7 @@ class CLP(Defense):
         apply_channel_masks(model, pruned)
         log.info("CLP (u=%g): pruned %s", self.settings.u, pruned or "no channel")
         return {
-            **masks_record(self.masks, num_channels(model, self.masks)),
+            **masks_record(self.masks, layer_channels(model, self.masks)),
             "uclc": uclc,
             "thresholds": thresholds(uclc, self.settings.u),
             "u": self.settings.u,
