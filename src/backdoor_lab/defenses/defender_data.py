@@ -72,10 +72,6 @@ class DefenderData(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @property
-    def clean_samples(self) -> int:
-        return len(self._clean)  # type: ignore[arg-type]
-
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
