@@ -86,3 +86,18 @@ def test_console_script_trains_and_defends_from_any_folder(installed: Path, tmp_
         check=True,
     )
     assert where.stdout.strip() == str(installed / "backdoor_lab" / "conf")  # the wheel's copy, not the checkout
+
+
+def test_light_modules_do_not_import_lightning() -> None:
+    """The data cache and the README's table command start in a fraction of Lightning's import time."""
+    code = (
+        "import sys, backdoor_lab.data.base, backdoor_lab.reporting.side_by_side;"
+        "print(sorted(m for m in ('lightning', 'wandb', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import backdoor_lab
+    import backdoor_lab.reporting as reporting
+
+    assert set(reporting.__all__) == set(reporting._HOMES) and all(getattr(reporting, n) for n in reporting.__all__)
+    assert backdoor_lab.FinePruningCallback.__name__ == "FinePruningCallback"

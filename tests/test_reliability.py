@@ -499,6 +499,81 @@ def test_cache_full_disk_mid_write_leaves_no_partial_file(
     assert "No space left on device" in caplog.text
 
 
+# Real mounts, not simulated calls: a tmpfs in a private mount namespace (``unshare -r -m``, no privilege needed
+# where user namespaces are allowed) that is read-only, or too small for the cache file, so the kernel itself
+# refuses the write: at the first byte (read-only) or after the first 64 KiB of a 1.8 MB file (full disk).
+_MOUNTED_CHILD = r"""
+import json, logging, sys
+from pathlib import Path
+import numpy as np
+from backdoor_lab.data.base import cached_splits
+from backdoor_lab.splits import RawSplit
+
+def build():
+    rng = np.random.default_rng(0)
+    return {name: RawSplit(inputs=rng.integers(0, 255, (200, 32, 32, 3), dtype=np.uint8),
+                           labels=np.arange(200) % 3, sample_ids=np.arange(200) + 1000 * i)
+            for i, name in enumerate(("train", "val", "test"))}
+
+def refuse():
+    raise SystemExit("built although a valid cache file was there to read")
+
+folder, mode = Path(sys.argv[1]), sys.argv[2]
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+splits = cached_splits(folder, "toy", {"k": 1}, build if mode == "build" else refuse)
+same = all(np.array_equal(splits[s].inputs, build()[s].inputs) for s in splits)
+print(json.dumps({"same": same, "files": sorted(p.name for p in folder.iterdir())}))
+"""
+
+
+def _can_mount_privately() -> bool:
+    try:
+        return subprocess.run(["unshare", "-r", "-m", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_mount_namespace = pytest.mark.skipif(
+    not _can_mount_privately(), reason="needs `unshare -r -m` (user + mount namespaces) to mount a real tmpfs"
+)
+
+
+def _in_mount(folder: Path, mount: str, mode: str = "build") -> tuple[dict, str]:
+    """Run the cache in a child whose ``folder`` is the given mount; its JSON result and its stderr."""
+    folder.mkdir(exist_ok=True)
+    script = f'{mount} && exec "$0" -c "$1" "$2" "$3"'
+    cmd = ["unshare", "-r", "-m", "sh", "-c", script, sys.executable, _MOUNTED_CHILD, str(folder), mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@needs_mount_namespace
+def test_cache_on_a_real_read_only_mount_warns_and_the_run_goes_on(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    result, stderr = _in_mount(folder, f"mount -t tmpfs -o ro,size=1m tmpfs {folder}")
+    assert result == {"same": True, "files": []}
+    assert stderr.count("Cannot write the data cache") == 1 and "Read-only file system" in stderr
+
+
+@needs_mount_namespace
+def test_cache_files_in_a_real_read_only_folder_are_read(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    written, _ = _in_mount(folder, "true")  # written on the real disk first ...
+    bind_ro = f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}"
+    result, stderr = _in_mount(folder, bind_ro, mode="read")  # ... then read through a read-only view of it
+    assert result == {"same": True, "files": written["files"]} and len(written["files"]) == 1
+    assert "Cannot write" not in stderr and "damaged" not in stderr
+
+
+@needs_mount_namespace
+def test_cache_on_a_real_full_disk_mid_write_leaves_no_file(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    result, stderr = _in_mount(folder, f"mount -t tmpfs -o size=64k tmpfs {folder}")
+    assert result == {"same": True, "files": []}  # the partial temp file is gone too
+    assert stderr.count("Cannot write the data cache") == 1 and "No space left on device" in stderr
+
+
 def test_concurrent_cache_writers_never_expose_a_partial_file(tmp_path: Path) -> None:
     arrays = data_base._pack(_splits())
     path = tmp_path / "toy-race.npz"
