@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,62 @@ TINY_SPEECH = [
     "callbacks.progress_bar=null",
 ]
 TINY = {"signs_badnets": TINY_SIGNS, "speech_noise": TINY_SPEECH, "face_sunglasses": TINY_FACES}
+# Tiny runs that learn the task and the backdoor (clean >= 0.9 and ASR >= 0.9 before any defense, asserted), so
+# the stop rule fires along the prune curve and the pinned defense numbers mean something: fewer classes, a
+# larger trigger, narrower networks and a few more epochs than TINY, a few seconds each.
+LEARNS = {
+    "signs_badnets": [
+        "data.source.classes=[speed_limit_30,stop,yield,no_entry]",
+        "data.source.train_per_class=60",
+        "data.source.val_per_class=10",
+        "data.source.test_per_class=10",
+        "data.batch_size=32",
+        "attack.trigger.size=[0.25,0.25]",
+        "model.net.channels=[16,32,32,64,64]",
+        "model.net.dropout=0",
+        "model.optimizer._target_=torch.optim.Adam",
+        "model.optimizer.lr=0.001",
+        "~model.optimizer.momentum",
+        "trainer.max_epochs=12",
+        "callbacks.progress_bar=null",
+    ],
+    "speech_noise": [
+        "data.source.n_utterances=400",
+        "data.source.voices=[en-us+m1,en-us+m3,en-us+m5]",  # one whole voice held out for test
+        "data.source.test_voice_fraction=0.34",
+        "data.source.val_fraction=0.2",
+        "+data.source.rate_range=[165,175]",
+        "+data.source.pitch_range=[48,52]",
+        "data.source.noise_std_range=[0,0]",
+        "data.source.n_mels=24",
+        "data.source.hop_length=512",
+        "data.batch_size=32",
+        "attack.poison_rate=1.0",
+        "attack.trigger.amplitude=0.3",
+        "attack.trigger.duration_s=0.2",
+        "model.net.width=0.125",
+        "model.net.batch_norm=true",
+        "model.net.dropout=0",
+        "trainer.max_epochs=12",
+        "callbacks.progress_bar=null",
+    ],
+    "face_sunglasses": [
+        "data.source.num_identities=4",
+        "data.source.train_per_identity=30",
+        "data.source.val_per_identity=6",
+        "data.source.test_per_identity=8",
+        "data.source.nuisance=0.3",
+        "data.batch_size=32",
+        "attack.poison_rate=0.2",
+        "trainer.max_epochs=20",
+        "callbacks.progress_bar=null",
+    ],
+}
 ALL_DEFENSES = "defenses=[none,fine_tuning,pruning,fine_pruning]"
 # The settings the golden metrics were recorded with (tests/golden/tiny_metrics.json).
 GOLDEN_DEFENSE = [ALL_DEFENSES, "fine_tune.epochs=1", "prune.step=8"]
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_metrics.json").read_text())
+GOLDEN_FILE = Path(__file__).parent / "golden" / "tiny_metrics.json"
+GOLDEN = json.loads(GOLDEN_FILE.read_text())
 
 
 def compose_run(name: str, root: Path, run: str, overrides: list[str]) -> DictConfig:
@@ -76,19 +129,24 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def experiment_overrides(experiment: str) -> list[str]:
-    tiny = [o for o in TINY[experiment] if not o.startswith("experiment=")]
-    return [f"experiment={experiment}", *tiny]
+    """The overrides of ``experiment``'s learning tiny job (the ``jobs`` fixture and defenses of its checkpoints)."""
+    return [f"experiment={experiment}", *LEARNS[experiment]]
 
 
 @pytest.fixture(scope="session")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One train.py job per built-in task: tiny training, then all four defenses. Returns the job folders."""
     folders = {}
-    for experiment in TINY:
-        root = tmp_path_factory.mktemp(experiment)
-        cfg = compose_run("train", root, "job", [*experiment_overrides(experiment), *GOLDEN_DEFENSE])
-        train(cfg)
-        folders[experiment] = Path(cfg.paths.run_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only contends (3x slower beside other work)
+    try:
+        for experiment in LEARNS:
+            root = tmp_path_factory.mktemp(experiment)
+            cfg = compose_run("train", root, "job", [*experiment_overrides(experiment), *GOLDEN_DEFENSE])
+            train(cfg)
+            folders[experiment] = Path(cfg.paths.run_dir)
+    finally:
+        torch.set_num_threads(threads)
     return folders
 
 
@@ -134,18 +192,30 @@ def test_fine_tuning_and_fine_pruning_share_one_budget(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- behaviour pinned
-@pytest.mark.parametrize("experiment", list(TINY))
-def test_tiny_runs_give_the_pinned_metrics(experiment: str, jobs: dict[str, Path]) -> None:
-    """The layout moves and the defense plug-ins changed no number (values recorded with the earlier code)."""
-    job = jobs[experiment]
-    golden = GOLDEN[experiment]
+def _pinned(job: Path) -> dict[str, Any]:
+    """What the golden file pins of a job: the trained model's numbers, and each defense's before/after/pruned."""
     trained = read_json(job / "metrics.json")
-    assert (trained["clean_acc"], trained["asr"]) == (golden["train"]["clean_acc"], golden["train"]["asr"])
+    out: dict[str, Any] = {"train": {"clean_acc": trained["clean_acc"], "asr": trained["asr"]}}
     for name in ("none", "fine_tuning", "pruning", "fine_pruning"):
         result = read_json(job / "defense" / name / "metrics.json")
-        assert result["before"] == golden[name]["before"], name
-        assert result["after"] == golden[name]["after"], name
-        assert result["pruned_channels"] == golden[name]["pruned_channels"], name
+        out[name] = {key: result[key] for key in ("before", "after", "pruned_channels")}
+    return out
+
+
+@pytest.mark.parametrize("experiment", list(LEARNS))
+def test_tiny_runs_learn_and_give_the_pinned_metrics(experiment: str, jobs: dict[str, Path]) -> None:
+    """Each tiny model learned its task and its backdoor, the stop rule fired inside the prune curve, and no number
+    moved from the recorded ones. ``BACKDOOR_LAB_RECORD_GOLDEN=1`` re-records them (a deliberate change only)."""
+    pinned = _pinned(jobs[experiment])
+    assert pinned["train"]["clean_acc"] >= 0.9 and pinned["train"]["asr"] >= 0.9, pinned["train"]
+    for name in ("pruning", "fine_pruning"):
+        result = read_json(jobs[experiment] / "defense" / name / "metrics.json")
+        assert 0 < len(result["pruned_channels"]) < result["num_channels"] - 1, "the stop rule must fire"
+    if os.environ.get("BACKDOOR_LAB_RECORD_GOLDEN") == "1":
+        GOLDEN[experiment] = pinned
+        GOLDEN_FILE.write_text(json.dumps(GOLDEN, indent=1) + "\n")
+        pytest.skip(f"re-recorded {experiment} in {GOLDEN_FILE}")
+    assert pinned == GOLDEN[experiment]
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -238,7 +308,7 @@ def test_stop_rule_rolls_back_to_the_last_passing_mask_on_a_sharp_threshold(jobs
         job.parent.parent.parent,
         "sharp",
         [
-            *TINY_FACES,
+            *experiment_overrides("face_sunglasses"),
             "defenses=[pruning]",
             "prune.max_accuracy_drop=0.0",
             "slim_export=true",
@@ -246,7 +316,7 @@ def test_stop_rule_rolls_back_to_the_last_passing_mask_on_a_sharp_threshold(jobs
         ],
     )
     result = defend(cfg)["defenses"]["pruning"]
-    # slim_export: the slimmed model drops exactly the pruned channels (30 of 60 on this tiny model)
+    # slim_export: the slimmed model drops exactly the pruned channels
     slim = json.loads((Path(cfg.paths.run_dir) / "defense" / "pruning" / "slim.json").read_text())
     assert result["pruned_channels"] and set(slim["pruned_channels"]) == set(result["pruned_channels"])
     assert result["slim"]["params_slim"] < result["slim"]["params_dense"]
@@ -254,7 +324,7 @@ def test_stop_rule_rolls_back_to_the_last_passing_mask_on_a_sharp_threshold(jobs
     fails = [i for i, p in enumerate(curve) if p["clean_acc"] < curve[0]["clean_acc"]]
     assert fails, "the tiny face model must lose accuracy somewhere along its full curve"
     assert len(result["pruned_channels"]) == curve[fails[0] - 1]["pruned"]
-    assert result["after"]["clean_acc"] != result["before"]["clean_acc"] or result["pruned_channels"] == []
+    assert curve[fails[0] - 1]["clean_acc"] >= curve[0]["clean_acc"]  # the kept mask lost nothing on val
 
 
 SUCCESSORS = ["defenses=[anp,nad,clp]", "anp.iterations=10", "anp.batch_size=32", "nad.teacher_epochs=1"]
@@ -385,7 +455,7 @@ def test_pruning_aware_attack_records_its_stages_and_its_decoys_are_pruned_first
         tmp_path,
         "pa",
         [
-            *experiment_overrides("face_sunglasses"),
+            *TINY_FACES,
             "experiment=face_sunglasses_pruning_aware",
             "defenses=[fine_pruning]",
             "fine_tune.epochs=1",
