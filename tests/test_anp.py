@@ -25,12 +25,12 @@ from backdoor_lab.defenses.anp import (
     ANP,
     ANPCallback,
     ANPSettings,
-    MaskedNeurons,
     anp_masks,
     choose_pruned,
     optimize_masks,
 )
 from backdoor_lab.defenses.methods import NO_FINE_TUNING
+from backdoor_lab.defenses.neurons import MaskedNeurons
 from backdoor_lab.models.classifier import BackdoorClassifier
 from tests.nets import LinearOnly, Residual
 from tests.test_known_answer import attack_success, clean_accuracy, make_trainer, snapshot

@@ -25,14 +25,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget, FineTuning
-from backdoor_lab.defenses.nad import (
-    NAD,
-    NADCallback,
-    NADSettings,
-    attention_loss,
-    attention_map,
-    captured_features,
-)
+from backdoor_lab.defenses.attention import attention_loss, attention_map, captured_features
+from backdoor_lab.defenses.nad import NAD, NADCallback, NADSettings
 from backdoor_lab.models.classifier import BackdoorClassifier
 from tests.test_known_answer import attack_success, clean_accuracy, make_trainer, snapshot
 from tests.trainers import quiet_trainer

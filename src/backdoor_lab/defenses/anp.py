@@ -51,16 +51,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from backdoor_lab.defenses.base import Defense, DefenseContext
-from backdoor_lab.defenses.channel_masks import ChannelMaskCallback, ChannelMasks, conv_units, masks_record
+from backdoor_lab.defenses.channel_masks import ChannelMaskCallback, ChannelMasks, masks_record
 from backdoor_lab.defenses.fit_data import batch_transfer, find_clean_loader, find_triggered_loader
 from backdoor_lab.defenses.methods import NO_FINE_TUNING
+from backdoor_lab.defenses.neurons import MaskedNeurons, MaskValues, model_device
 from backdoor_lab.defenses.pruner import BatchToXY
 from backdoor_lab.defenses.pruning import conv_layer_names, move_to_device, run_batches, split_batch
 from backdoor_lab.defenses.ranking import progress_bar
 
 log = logging.getLogger(__name__)
-
-MaskValues = dict[str, list[float]]  # conv layer name -> the optimised mask of each output channel
 
 
 def _number(value: Any) -> bool:
@@ -121,100 +120,14 @@ class ANPSettings:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The perturbed, masked units (plain PyTorch)
+# The mask search (plain PyTorch; the masked, perturbed units are in neurons.py)
 # --------------------------------------------------------------------------------------------------------
-
-
-class _Unit:
-    """One conv's channels: mask, perturbation, and the forward hook that applies them to ``module``'s output.
-
-    ``module`` is the BatchNorm2d after the conv (its shift ``beta`` is the bias ``b``) or the conv itself (its
-    bias, zero if none), so ``out - b`` is the part the mask scales and ``b`` the part ``delta_b`` perturbs.
-    """
-
-    def __init__(self, name: str, module: nn.Module, channels: int, device: torch.device) -> None:
-        self.name = name
-        self.module = module
-        self.mask = torch.ones(channels, device=device, requires_grad=True)
-        self.noise = torch.zeros(channels, device=device)
-        self.noise_bias = torch.zeros(channels, device=device)
-        self.perturbed = False
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (out.dim() - 2)
-        bias = getattr(module, "bias", None)
-        b = torch.zeros((), dtype=out.dtype, device=out.device) if bias is None else bias.detach().to(out.dtype)
-        b = b.view(shape) if b.dim() else b
-        if self.perturbed:
-            scale, shift = self.mask + self.noise, 1 + self.noise_bias
-            return (out - b) * scale.to(out.dtype).view(shape) + b * shift.to(out.dtype).view(shape)
-        return (out - b) * self.mask.to(out.dtype).view(shape) + b
-
-
-class MaskedNeurons:
-    """Masks and perturbations on every conv channel of ``model`` through forward hooks; ``close()`` removes them.
-
-    Perturbs the BatchNorm2d that follows a conv where there is one (``conv_units``), else the conv's output.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device | None = None) -> None:
-        device = device or _device(model)
-        self.units = [
-            _Unit(name, conv if bn is None else bn, conv.out_channels, device) for name, conv, bn in conv_units(model)
-        ]
-
-    @property
-    def masks(self) -> list[Tensor]:
-        return [u.mask for u in self.units]
-
-    @property
-    def noises(self) -> list[Tensor]:
-        return [t for u in self.units for t in (u.noise, u.noise_bias)]
-
-    def perturb(self, on: bool) -> None:
-        for unit in self.units:
-            unit.perturbed = on
-
-    def reset_noise(self, eps: float, generator: torch.Generator) -> None:
-        """A random start in [-eps, eps], drawn on the CPU (the same draw on every device) in one piece."""
-        noises = self.noises
-        draw = torch.rand(sum(t.numel() for t in noises), generator=generator) * (2 * eps) - eps
-        draw = draw.to(noises[0].device) if noises else draw
-        for tensor, part in zip(noises, draw.split([t.numel() for t in noises]), strict=True):
-            tensor.copy_(part)
-
-    def ascend(self, loss_fn: Callable[[], Tensor], step: float, eps: float) -> None:
-        """One signed step of the perturbation up the loss (the worst case), clipped to [-eps, eps]."""
-        noises = self.noises
-        for t in noises:
-            t.requires_grad_(True)
-        try:
-            grads = torch.autograd.grad(loss_fn(), noises, allow_unused=True)
-        finally:
-            for t in noises:
-                t.requires_grad_(False)
-        with torch.no_grad():
-            for t, g in zip(noises, grads, strict=True):
-                if g is not None:
-                    t.add_(torch.sign(g), alpha=step).clamp_(-eps, eps)
-
-    def values(self) -> MaskValues:
-        return {u.name: [float(v) for v in u.mask.detach().cpu()] for u in self.units}
-
-    def close(self) -> None:
-        for unit in self.units:
-            unit.handle.remove()
 
 
 def check_has_convs(model: nn.Module) -> None:
     """ANP's units are conv channels: a model without any is refused in one line, before any work."""
     if not conv_layer_names(model):
         raise ValueError(f"anp: ANP masks conv channels and {type(model).__name__} has no nn.Conv2d")
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _seed_from(generator: torch.Generator | None) -> int:
@@ -274,7 +187,7 @@ def optimize_masks(
     seed = _seed_from(generator)
     noise_gen = torch.Generator().manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed + 1)
-    device = _device(model)
+    device = model_device(model)
     transfer = transfer or (lambda batch, _: move_to_device(batch, device))
     batches = _cycle(anp_loader(clean_loader, settings.batch_size, settings.iterations, data_gen))
 
@@ -460,7 +373,7 @@ class ANPCallback(ChannelMaskCallback):
         context = trainer.precision_plugin.val_step_context
         triggered = find_triggered_loader(trainer, self.triggered_dataloader)
         with torch.random.fork_rng(devices=[]):  # iterating a loader draws from torch's generator
-            device = _device(pl_module)
+            device = model_device(pl_module)
             acc = run_batches(
                 pl_module, clean, device, batch_to_xy=self.batch_to_xy, forward_context=context,
                 transfer=lambda b, _: transfer(b, idx),

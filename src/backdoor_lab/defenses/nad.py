@@ -41,78 +41,33 @@ Where it departs, and why:
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
+from backdoor_lab.defenses.attention import attention_loss, captured_features, check_layers, layer_distance
 from backdoor_lab.defenses.base import Defense, DefenseContext, FineTuneBudget
-from backdoor_lab.defenses.fit_data import Transfer, batch_transfer, find_clean_loader
+from backdoor_lab.defenses.fit_data import batch_transfer, find_clean_loader
 from backdoor_lab.defenses.methods import fine_tune
 from backdoor_lab.defenses.pruning import split_batch
-
-log = logging.getLogger(__name__)
-
-BatchToXY = Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]]
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-
-# Modules that give feature maps: what an unknown layer name is answered with.
-_FEATURE_MAP_KINDS = (
-    "torch.nn.modules.conv",
-    "torch.nn.modules.activation",
-    "torch.nn.modules.pooling",
-    "torch.nn.modules.batchnorm",
+from backdoor_lab.defenses.teacher import (
+    BatchToXY,
+    OptimizerFactory,
+    fine_tuned_copy,
+    frozen_copy,
+    reshuffled,
+    rng_devices,
 )
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Attention transfer
-# --------------------------------------------------------------------------------------------------------------
-
-
-def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
-    """NAD's attention map of a (N, C, ...) feature map: mean over channels of ``|f|^p``, flattened, L2-normalized.
-
-    Normalizing per sample makes the map a spatial distribution of where the layer responds, independent of the
-    layer's scale, which is what NAD aligns (low-precision features are promoted to float32 for the norm).
-    """
-    if features.dim() < 3:
-        raise ValueError(
-            f"attention_map needs a (N, C, H, W) feature map, got shape {tuple(features.shape)}: "
-            "NAD distils spatial attention, so name a convolutional stage, not a linear layer"
-        )
-    if features.dtype in (torch.float16, torch.bfloat16):
-        features = features.float()
-    return F.normalize(features.abs().pow(p).mean(1).flatten(1), dim=1)
-
-
-def attention_loss(
-    student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], betas: Sequence[float], p: float = 2.0
-) -> Tensor:
-    """``sum_i beta_i * mean((A(s_i) - A(t_i))^2)``: NAD's distillation term (teacher features detached)."""
-    if not len(student_feats) == len(teacher_feats) == len(betas):
-        raise ValueError(
-            f"attention_loss needs one student map, teacher map and beta per layer: "
-            f"{len(student_feats)}, {len(teacher_feats)}, {len(betas)}"
-        )
-    terms = [beta * layer_distance(s, t, p) for s, t, beta in zip(student_feats, teacher_feats, betas, strict=True)]
-    return torch.stack(terms).sum()
-
-
-def layer_distance(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
-    """Unweighted attention distance of one layer: ``mean((A(student) - A(teacher))^2)``."""
-    return (attention_map(student, p) - attention_map(teacher.detach(), p)).pow(2).mean()
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -188,90 +143,6 @@ class NADSettings:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def feature_map_modules(model: nn.Module) -> list[str]:
-    """Names of the modules that give feature maps (convs, activations, pooling, BatchNorm): the candidates."""
-    return [n for n, m in model.named_modules() if n and type(m).__module__ in _FEATURE_MAP_KINDS]
-
-
-def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layers", error: type = ValueError) -> None:
-    """Every name in ``layers`` is a module of ``model``; else one line listing its feature-map modules."""
-    names = dict(model.named_modules())
-    missing = [name for name in layers if name not in names]
-    if missing:
-        raise error(
-            f"{what} {missing} {'is' if len(missing) == 1 else 'are'} not in {type(model).__name__}; "
-            f"its feature-map modules (conv, activation, pooling, BatchNorm) are: {feature_map_modules(model)}"
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Feature capture
-# --------------------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def captured_features(model: nn.Module, layers: Sequence[str]) -> Iterator[Callable[[], list[Tensor]]]:
-    """Forward hooks on ``layers`` of ``model`` while the block runs; yields a getter of one output per layer.
-
-    The getter refuses a layer that ran other than once (a module shared by several stages, or a forward that
-    skipped it): its attention map would be ambiguous.
-    """
-    modules = dict(model.named_modules())
-    outputs: dict[str, list[Tensor]] = {name: [] for name in layers}
-
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            outputs[name].append(output)
-
-        return hook
-
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
-
-    def get() -> list[Tensor]:
-        for name, seen in outputs.items():
-            if len(seen) != 1:
-                raise RuntimeError(
-                    f"NAD layer {name!r} ran {len(seen)} times in one forward of {type(model).__name__}; name a "
-                    "module that runs exactly once per forward (a ReLU module shared by several stages cannot be "
-                    "told apart: name the convs instead)"
-                )
-            if not isinstance(seen[0], Tensor):
-                raise RuntimeError(f"NAD layer {name!r} returns a {type(seen[0]).__name__}, not a feature map tensor")
-        return [outputs[name][0] for name in layers]
-
-    try:
-        yield get
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _frozen_copy(pl_module: nn.Module, trainer: L.Trainer | None) -> nn.Module:
-    """A deep copy of the module that shares (does not copy) the Trainer it is attached to."""
-    memo = {} if trainer is None else {id(trainer): trainer}
-    return copy.deepcopy(pl_module, memo)
-
-
-def _first_optimizer(config: Any) -> torch.optim.Optimizer:
-    """The (first) optimizer of a ``configure_optimizers`` return value; its schedulers are not used."""
-    if isinstance(config, torch.optim.Optimizer):
-        return config
-    if isinstance(config, dict) and "optimizer" in config:
-        return config["optimizer"]
-    if isinstance(config, list | tuple) and config:
-        return _first_optimizer(config[0])
-    raise MisconfigurationException(
-        "NADCallback could not read an optimizer from the module's configure_optimizers(): pass teacher_optimizer"
-    )
-
-
-def _rng_devices(module: nn.Module) -> list[int]:
-    device = next((t.device for t in module.parameters()), torch.device("cpu"))
-    if device.type != "cuda":
-        return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,7 +256,7 @@ class NADCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here, not at fit start: callback states are restored by now under every strategy (some restore after
         # setup), so a resumed fit finds its saved teacher instead of fine-tuning another.
-        with torch.random.fork_rng(devices=_rng_devices(pl_module)):  # the student's shuffles stay as they were
+        with torch.random.fork_rng(devices=rng_devices(pl_module)):  # the student's shuffles stay as they were
             self._install_teacher(trainer, pl_module)
             if self.measure and self.distance["before"] is None:
                 self.distance["before"] = self.measure_distance(trainer, pl_module)
@@ -400,7 +271,7 @@ class NADCallback(Callback):
         self._unwrap()
         self._sync_loss_record()
         if self.measure and self._teacher is not None:
-            with torch.random.fork_rng(devices=_rng_devices(pl_module)):
+            with torch.random.fork_rng(devices=rng_devices(pl_module)):
                 self.distance["after"] = self.measure_distance(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -440,7 +311,7 @@ class NADCallback(Callback):
 
     def _install_teacher(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.teacher_state is not None:  # resumed (or a second fit): the saved teacher, not a new one
-            teacher = _frozen_copy(pl_module, trainer)
+            teacher = frozen_copy(pl_module, trainer)
             teacher.load_state_dict(self.teacher_state)
             log.info("NAD: distilling from the teacher saved in the checkpoint")
         elif self.teacher is not None:
@@ -456,66 +327,26 @@ class NADCallback(Callback):
         self.teacher_state = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
 
     def fine_tune_teacher(self, trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module:
-        """A copy of the module fine-tuned on the clean data with cross-entropy: NAD's teacher.
-
-        A plain loop (not a nested fit): batches move as Lightning moves them (``batch_transfer``), shuffled each
-        epoch from the forked generator, forward in the parameters' own precision.
-        """
+        """A copy of the module fine-tuned on the clean data with cross-entropy: NAD's teacher (``teacher.py``)."""
         clean, clean_idx = find_clean_loader(
             trainer, pl_module, self.clean_dataloader, self.clean_dataloader_idx, "NADCallback"
         )
-        loader = self._reshuffled(clean)
-        transfer: Transfer = batch_transfer(trainer, pl_module)
-        teacher = _frozen_copy(pl_module, trainer)
-        teacher.train()
-        params = [p for p in teacher.parameters() if p.requires_grad]
-        optimizer = (
-            self.teacher_optimizer(params=params)
-            if self.teacher_optimizer is not None
-            else _first_optimizer(teacher.configure_optimizers())
+        transfer = batch_transfer(trainer, pl_module)
+        teacher, self.teacher_record = fine_tuned_copy(
+            trainer,
+            pl_module,
+            reshuffled(clean, self.teacher_batch_size),
+            epochs=self.teacher_epochs,
+            transfer=lambda batch: transfer(batch, clean_idx),
+            batch_to_xy=self.batch_to_xy,
+            optimizer=self.teacher_optimizer,
         )
-        steps = samples = 0
-        epoch_losses: list[float] = []
-        for _ in range(self.teacher_epochs):
-            total, count = None, 0
-            for batch in loader:
-                x, y, _ = self.batch_to_xy(transfer(batch, clean_idx))
-                if y is None:
-                    raise MisconfigurationException("NADCallback fine-tunes its teacher on labelled clean batches")
-                loss = F.cross_entropy(teacher(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                samples += len(y)
-                total = loss.detach() * len(y) if total is None else total + loss.detach() * len(y)
-                count += len(y)
-            if count:
-                epoch_losses.append(float(total) / count)
-        optimizer.zero_grad(set_to_none=True)
-        self.teacher_record = {
-            "given": False,
-            "epochs": self.teacher_epochs,
-            "steps": steps,
-            "samples": samples // max(self.teacher_epochs, 1),
-            "loss_epoch_mean": epoch_losses,
-        }
-        log.info("NAD: teacher fine-tuned for %d epochs (%d steps) on the clean data", self.teacher_epochs, steps)
+        log.info(
+            "NAD: teacher fine-tuned for %d epochs (%d steps) on the clean data",
+            self.teacher_epochs,
+            self.teacher_record["steps"],
+        )
         return teacher
-
-    def _reshuffled(self, clean: Any) -> Any:
-        """The clean data shuffled each epoch (an evaluation loader is in order, often class by class)."""
-        dataset = getattr(clean, "dataset", None)
-        if not isinstance(clean, DataLoader) or dataset is None or not hasattr(dataset, "__len__"):
-            return clean
-        return DataLoader(
-            dataset,
-            batch_size=self.teacher_batch_size or clean.batch_size or 1,
-            shuffle=True,
-            num_workers=clean.num_workers,
-            collate_fn=clean.collate_fn,
-            pin_memory=clean.pin_memory,
-        )
 
     # ----------------------------------------------------------------------------------------- distillation
     def _wrap(self, pl_module: L.LightningModule) -> None:
