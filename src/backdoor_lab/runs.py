@@ -40,6 +40,7 @@ NOT_TRAINING = (
     "trainer.strategy",
     "trainer.num_nodes",
     "model.attention_layers",  # read by NAD only, after training
+    "model.channels_last",  # memory order: the same arithmetic up to float rounding, like the device
 )
 # The keys a checkpoint handed to defend.py must agree on (its trainer settings may differ: warned, not refused).
 MODEL_DEFINING = ("data", "attack", "model", "seed", "pruning_aware")

@@ -28,6 +28,8 @@ class BackdoorClassifier(L.LightningModule):
             original); None = ``prune_layer`` itself.
         attention_layers: the modules whose outputs NAD distils as attention maps (its paper's last three
             blocks: here the last three conv stages, read after their ReLU where it is a module of its own).
+        channels_last: conv weights and 4-d inputs in channels-last memory order, which oneDNN (CPU) and cuDNN run
+            faster, above all under bf16 autocast (docs/benchmarks.md); the same arithmetic up to float rounding.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class BackdoorClassifier(L.LightningModule):
         prune_layer: str | None = None,
         rank_layer: str | None = None,
         attention_layers: list[str] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         # attention_layers arrives as an OmegaConf list, which a weights-only checkpoint load refuses to unpickle
@@ -47,6 +50,9 @@ class BackdoorClassifier(L.LightningModule):
         self.prune_layer = prune_layer
         self.rank_layer = rank_layer or prune_layer
         self.attention_layers = list(attention_layers or [])
+        self.channels_last = bool(channels_last)
+        if self.channels_last:  # parameters keep this order through load_state_dict (copy_ keeps the strides)
+            self.net.to(memory_format=torch.channels_last)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss = nn.CrossEntropyLoss()
@@ -57,6 +63,8 @@ class BackdoorClassifier(L.LightningModule):
         self.test_asr = AttackSuccessRate()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:  # a Python bool: torch.fx traces through it (the cached prune curve)
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:

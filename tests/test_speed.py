@@ -1,0 +1,60 @@
+"""``speed=fast`` (bf16 autocast, channels-last convs): the same model and results up to rounding, one switch.
+
+The speed itself is measured by ``bench/train_throughput.py`` (docs/benchmarks.md), never timed here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backdoor_lab.defenses.network_split import split_network
+from backdoor_lab.pipeline import build_model, train
+from backdoor_lab.runs import train_key, training_config
+
+from .test_pipeline import TINY_SIGNS, compose_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TASKS = {"signs_badnets": (18, (3, 32, 32)), "face_sunglasses": (100, (3, 55, 47)), "speech_noise": (10, (1, 40, 63))}
+
+
+@pytest.mark.parametrize("experiment", list(TASKS))
+def test_channels_last_is_the_same_network_in_another_memory_order(experiment: str, tmp_path: Path) -> None:
+    classes, shape = TASKS[experiment]
+    plain_cfg = compose_run("train", tmp_path, "a", [f"experiment={experiment}"])
+    fast_cfg = compose_run("train", tmp_path, "b", [f"experiment={experiment}", "speed=fast"])
+    assert fast_cfg.model.channels_last and fast_cfg.trainer.precision == "bf16-mixed"
+    assert not plain_cfg.model.channels_last and plain_cfg.trainer.get("precision") is None  # fp32
+    torch.manual_seed(0)
+    plain = build_model(plain_cfg, classes).eval()
+    fast = build_model(fast_cfg, classes).eval()
+    fast.load_state_dict(plain.state_dict())  # copy_ keeps the channels-last strides
+    conv = next(m for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+    # torch.fx still traces the model: the prune curve keeps its cut (a re-evaluation per step otherwise)
+    assert split_network(fast, fast.prune_layer).head is not None
+    # and the memory order is not part of what defines the trained model (the precision is)
+    assert train_key(training_config(plain_cfg)) != train_key(training_config(fast_cfg))
+    same_precision = compose_run("train", tmp_path, "c", [f"experiment={experiment}", "model.channels_last=true"])
+    assert train_key(training_config(plain_cfg)) == train_key(training_config(same_precision))
+
+
+def test_speed_fast_trains_and_defends_and_saves_plain_weights(tmp_path: Path) -> None:
+    cfg = compose_run("train", tmp_path, "fast", [*TINY_SIGNS, "speed=fast", "defenses=[fine_pruning]"])
+    result = train(cfg)
+    job = Path(cfg.paths.run_dir)
+    assert json.loads((job / "metrics.json").read_text())["config"]["trainer"]["precision"] == "bf16-mixed"
+    weights = load_file(str(job / "model.safetensors"))
+    assert all(t.is_contiguous() for t in weights.values())
+    stock = build_model(compose_run("train", tmp_path, "stock", TINY_SIGNS), 18)
+    stock.load_state_dict(weights)  # plain weights: the stock fp32, contiguous model loads them
+    record = result["defenses"]["fine_pruning"]
+    assert record["pruned_channels"] and record["fine_tune"]["epochs"] == cfg.fine_tune.epochs
