@@ -1,0 +1,138 @@
+"""Training samples per second: the framework's fit against a plain fp32 PyTorch loop, in one run, per task.
+
+For each built-in task, at its real size (model, poisoned training set, batch size and optimizer of its config):
+
+* ``plain fp32 loop``: what a user would write by hand: ``DataLoader(TensorDataset, shuffle=True)``, the model's
+  own network, the config's optimizer, ``loss.backward(); opt.step()``; nothing else (no validation, no logging).
+  This is the baseline (1.00x).
+* ``framework fp32``: ``train.py``'s own Trainer (``build_trainer``: callbacks, checkpointing, a validation pass
+  every epoch) fitting the task's ``BackdoorClassifier``, as the default run does.
+* ``framework speed=fast``: the same with ``speed=fast`` (bf16 autocast, channels-last convs).
+* ``plain bf16+channels-last loop``: the plain loop with the same two switches, to show what they give alone.
+
+Each row trains ``--epochs`` epochs (the first batch's start-up included, as a user waits for it) and reports
+samples per second = epochs x training samples / wall time. The device and the CPU's bf16 support are printed,
+so the figures can be re-taken on a GPU (``--accelerator gpu``).
+
+    python bench/train_throughput.py [--epochs 2] [--threads N] [--only signs_badnets] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from backdoor_lab import CONF_DIR  # noqa: E402
+from backdoor_lab.build import build_datamodule, build_model, build_trainer  # noqa: E402
+
+TASKS = ["signs_badnets", "speech_noise", "face_sunglasses"]
+
+
+def config(experiment: str, root: Path, extra: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", "callbacks.progress_bar=null", *extra])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root)
+        cfg.paths.run_dir = str(root / "run")
+    return cfg
+
+
+def plain_loop(cfg: DictConfig, epochs: int, fast: bool, device: torch.device) -> tuple[float, int]:
+    """The hand-written fp32 (or bf16 + channels-last) loop; returns (wall seconds, samples trained)."""
+    torch.manual_seed(cfg.seed)
+    dm = build_datamodule(cfg, fit_on="poisoned")
+    net = build_model(cfg, dm.num_classes).net.to(device)
+    if fast:
+        net = net.to(memory_format=torch.channels_last)
+    opt = instantiate(cfg.model.optimizer)(params=net.parameters())
+    loader = DataLoader(dm.dataset(dm.fit_on), batch_size=cfg.data.batch_size, shuffle=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else nullcontext()
+    net.train()
+    samples = 0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            if fast:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                loss = F.cross_entropy(net(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            samples += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, samples
+
+
+def framework_fit(cfg: DictConfig, epochs: int) -> tuple[float, int]:
+    """``train.py``'s Trainer and model, fit for ``epochs`` (validation every epoch, as configured)."""
+    torch.manual_seed(cfg.seed)
+    dm = build_datamodule(cfg, fit_on="poisoned")
+    model = build_model(cfg, dm.num_classes)
+    trainer = build_trainer(cfg, Path(cfg.paths.run_dir), [], epochs)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    return time.perf_counter() - start, epochs * len(dm.dataset(dm.fit_on))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--only", choices=TASKS, action="append")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--markdown", action="store_true", help="print the rows as a docs/benchmarks.md table")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    trainer_extra = ["trainer=gpu"] if args.accelerator == "gpu" else []
+    cpu = platform.processor() or platform.machine()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    bf16 = "amx_bf16" in flags and "AMX" or "avx512_bf16" in flags and "AVX512-BF16" or "none"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
+    print(f"device: {device.type} ({name}); CPU bf16 instructions: {bf16}; torch {torch.__version__}")
+    rows = []
+    for task in args.only or TASKS:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            fp32 = config(task, root, trainer_extra)
+            fast = config(task, root, [*trainer_extra, "speed=fast"])
+            build_datamodule(fp32, fit_on="poisoned")  # data built (or read from the cache) before any timing
+            plain_s, n = plain_loop(fp32, args.epochs, False, device)
+            results = {
+                "plain fp32 loop": (plain_s, n),
+                "plain bf16+channels-last loop": plain_loop(fp32, args.epochs, True, device),
+                "framework fp32": framework_fit(fp32, args.epochs),
+                "framework speed=fast": framework_fit(fast, args.epochs),
+            }
+        base = n / plain_s
+        for label, (wall, samples) in results.items():
+            rate = samples / wall
+            rows.append((task, label, rate, rate / base, wall))
+            print(f"{task:16s} {label:32s} {rate:8.0f} samples/s  {rate / base:5.2f}x  ({wall:.1f} s)", flush=True)
+    if args.markdown:
+        print("\n| task | loop | samples/s | vs plain fp32 | wall |\n|---|---|---|---|---|")
+        for task, label, rate, ratio, wall in rows:
+            print(f"| {task} | {label} | {rate:.0f} | {ratio:.2f}x | {wall:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
