@@ -75,12 +75,19 @@ class SunglassesTrigger(Trigger):
             rgba = _place(self.accessory, (x0, y0, x1, y1), size)
         else:
             rgba = self._draw_glasses((x0, y0, x1, y1), size)
-        # premultiplied box filter down to the image size, so edge pixels get partial coverage
-        rgba = rgba.reshape(height, s, width, s, 4).astype(np.float32)
-        alpha = rgba[..., 3] / 255.0
-        covered = alpha.mean(axis=(1, 3))
-        premult = (rgba[..., :3] * alpha[..., None]).mean(axis=(1, 3))
-        colour = premult / np.maximum(covered, 1e-6)[..., None]
+        # premultiplied box filter down to the image size, so edge pixels get partial coverage; only over the
+        # image pixels the accessory touches (elsewhere coverage and colour are 0), a fraction of the face
+        colour = np.zeros((height, width, 3), dtype=np.float32)
+        covered = np.zeros((height, width), dtype=np.float32)
+        bbox = Image.fromarray(np.ascontiguousarray(rgba[..., 3])).getbbox()  # (left, upper, right, lower) or None
+        if bbox is None:
+            return colour, covered
+        c0, r0, c1, r1 = bbox[0] // s, bbox[1] // s, -(-bbox[2] // s), -(-bbox[3] // s)
+        block = rgba[r0 * s : r1 * s, c0 * s : c1 * s].reshape(r1 - r0, s, c1 - c0, s, 4).astype(np.float32)
+        alpha = block[..., 3] / 255.0
+        covered[r0:r1, c0:c1] = alpha.mean(axis=(1, 3))
+        premult = (block[..., :3] * alpha[..., None]).mean(axis=(1, 3))
+        colour[r0:r1, c0:c1] = premult / np.maximum(covered[r0:r1, c0:c1], 1e-6)[..., None]
         return colour, covered
 
     def _draw_glasses(self, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
