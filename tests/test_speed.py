@@ -6,17 +6,26 @@ The speed itself is measured by ``bench/train_throughput.py`` (docs/benchmarks.m
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import TensorDataset
 
+from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget
+from backdoor_lab.defenses.methods import fine_tune
 from backdoor_lab.defenses.network_split import split_network
+from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.pipeline import build_model, train
 from backdoor_lab.runs import train_key, training_config
 
 from .test_pipeline import TINY_SIGNS, compose_run
+from .trainers import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,3 +67,38 @@ def test_speed_fast_trains_and_defends_and_saves_plain_weights(tmp_path: Path) -
     stock.load_state_dict(weights)  # plain weights: the stock fp32, contiguous model loads them
     record = result["defenses"]["fine_pruning"]
     assert record["pruned_channels"] and record["fine_tune"]["epochs"] == cfg.fine_tune.epochs
+
+
+class CountValidation(Callback):
+    def __init__(self) -> None:
+        self.at_epochs: list[int] = []
+        self.sanity = 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self.sanity += 1
+        else:
+            self.at_epochs.append(trainer.current_epoch)
+
+
+@pytest.mark.parametrize("every, expected", [(0, [3]), (1, [0, 1, 2, 3]), (2, [1, 3])])
+def test_the_fine_tuning_validates_as_often_as_its_budget_says(every: int, expected: list[int]) -> None:
+    """Validation during the defense's fine-tuning is monitoring only: by default once, after the last epoch, and
+    never a sanity pass, whatever Trainer the factory builds (one that would validate every epoch here)."""
+    torch.manual_seed(0)
+    model = BackdoorClassifier(
+        nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
+        num_classes=2,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+    )
+    clean = TensorDataset(torch.randn(16, 1, 4, 4), torch.randint(0, 2, (16,)))
+    triggered = TensorDataset(
+        torch.randn(8, 1, 4, 4), torch.ones(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    )
+    data = DefenderData(clean, triggered, class_names=["a", "b"], batch_size=8, eval_batch_size=8)
+    counter = CountValidation()
+    budget = FineTuneBudget(epochs=4, optimizer=partial(torch.optim.SGD, lr=0.1), val_every_n_epochs=every)
+    record = fine_tune(DefenseContext(model, data, lambda cbs, n: quiet_trainer(None, cbs, n)), budget, [counter])
+    assert record["steps"] == 8 and counter.at_epochs == expected and counter.sanity == 0
+    with pytest.raises(ValueError, match="val_every_n_epochs"):
+        FineTuneBudget(epochs=4, optimizer=partial(torch.optim.SGD, lr=0.1), val_every_n_epochs=-1)

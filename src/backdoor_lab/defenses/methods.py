@@ -26,6 +26,10 @@ def fine_tune(context: DefenseContext, budget: FineTuneBudget, callbacks: list |
     model.scheduler_factory = budget.scheduler
     log.info("Fine-tuning for %d epochs (fine_tune.epochs) on the defender's clean split", budget.epochs)
     trainer = context.make_trainer(list(callbacks or []), budget.epochs)
+    # Validation is monitoring only here: its period comes from the budget, and no sanity pass runs before the
+    # fit (both are read by the fit loop when it runs, so any Trainer factory's Trainer takes them).
+    trainer.check_val_every_n_epoch = budget.val_period()
+    trainer.num_sanity_val_steps = 0
     trainer.fit(model, datamodule=context.datamodule, weights_only=True)
     # What the fit really read, for the record (and for tests): the defender's clean split and its size.
     loader = trainer.train_dataloader
