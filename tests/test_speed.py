@@ -81,24 +81,40 @@ class CountValidation(Callback):
             self.at_epochs.append(trainer.current_epoch)
 
 
-@pytest.mark.parametrize("every, expected", [(0, [3]), (1, [0, 1, 2, 3]), (2, [1, 3])])
-def test_the_fine_tuning_validates_as_often_as_its_budget_says(every: int, expected: list[int]) -> None:
-    """Validation during the defense's fine-tuning is monitoring only: by default once, after the last epoch, and
-    never a sanity pass, whatever Trainer the factory builds (one that would validate every epoch here)."""
+def _fine_tuned(every: int, counter: Callback | None = None) -> tuple[dict, torch.Tensor]:
+    """A tiny model fine-tuned 4 epochs through ``fine_tune``: its record and its final weights."""
     torch.manual_seed(0)
     model = BackdoorClassifier(
         nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
         num_classes=2,
         optimizer=partial(torch.optim.SGD, lr=0.1),
     )
-    clean = TensorDataset(torch.randn(16, 1, 4, 4), torch.randint(0, 2, (16,)))
-    triggered = TensorDataset(
-        torch.randn(8, 1, 4, 4), torch.ones(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
-    )
+    g = torch.Generator().manual_seed(1)
+    clean = TensorDataset(torch.randn(32, 1, 4, 4, generator=g), torch.randint(0, 2, (32,), generator=g))
+    ones, zeros = torch.ones(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    triggered = TensorDataset(torch.randn(8, 1, 4, 4, generator=g), ones, zeros)
     data = DefenderData(clean, triggered, class_names=["a", "b"], batch_size=8, eval_batch_size=8)
-    counter = CountValidation()
     budget = FineTuneBudget(epochs=4, optimizer=partial(torch.optim.SGD, lr=0.1), val_every_n_epochs=every)
-    record = fine_tune(DefenseContext(model, data, lambda cbs, n: quiet_trainer(None, cbs, n)), budget, [counter])
-    assert record["steps"] == 8 and counter.at_epochs == expected and counter.sanity == 0
+    torch.manual_seed(5)
+    context = DefenseContext(model, data, lambda cbs, n: quiet_trainer(None, cbs, n))
+    record = fine_tune(context, budget, [counter] if counter else [])
+    return record, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("every, expected", [(0, [3]), (1, [0, 1, 2, 3]), (2, [1, 3])])
+def test_the_fine_tuning_validates_as_often_as_its_budget_says(every: int, expected: list[int]) -> None:
+    """Validation during the defense's fine-tuning is monitoring only: by default once, after the last epoch, and
+    never a sanity pass, whatever Trainer the factory builds (one that would validate every epoch here)."""
+    counter = CountValidation()
+    record, _ = _fine_tuned(every, counter)
+    assert record["steps"] == 16 and counter.at_epochs == expected and counter.sanity == 0
     with pytest.raises(ValueError, match="val_every_n_epochs"):
         FineTuneBudget(epochs=4, optimizer=partial(torch.optim.SGD, lr=0.1), val_every_n_epochs=-1)
+
+
+def test_validating_less_often_ends_on_the_same_weights() -> None:
+    """A skipped validation still draws what it would have drawn from torch's generator (``SkippedValidationDraws``):
+    without it the later epochs would shuffle differently and the weights would differ (checked: they do)."""
+    _, every_epoch = _fine_tuned(1)
+    for every in (0, 2, 3):
+        assert torch.equal(_fine_tuned(every)[1], every_epoch), every
