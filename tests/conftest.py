@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from backdoor_lab import CONF_DIR
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = CONF_DIR  # the configs the package ships (conf/ at the top links there; a mutmut copy has only src/)
 
 
 @pytest.fixture(autouse=True)
