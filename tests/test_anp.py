@@ -424,3 +424,23 @@ def test_checkpoints_hold_plain_weights_and_the_callback_state_restores_masks(tm
     )
     assert resumed.masks == callback.masks and resumed.mask_values == callback.mask_values
     assert model.net.conv.weight_mask[BACKDOOR].abs().max() == 0 and model.net.conv.weight[BACKDOOR].abs().max() == 0
+
+
+@torch.no_grad()
+def test_a_conv_without_bias_is_scaled_and_perturbed_as_a_whole() -> None:
+    """No BatchNorm and no bias: ``b`` is 0, so the unit's output is ``out * m`` (``out * (m + delta)``)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 1, bias=False)
+    net = nn.Sequential(conv, nn.Flatten())
+    x = torch.randn(2, 2, 2, 2)
+    out = conv(x)
+    units = MaskedNeurons(net)
+    (unit,) = units.units
+    assert unit.module is conv and not unit.perturbed and unit.mask.device == conv.weight.device
+    unit.mask.copy_(torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(net(x), (out * torch.tensor([1.0, 0.5, 0.0]).view(1, 3, 1, 1)).flatten(1))
+    units.reset_noise(0.4, torch.Generator().manual_seed(2))
+    units.perturb(True)
+    scale = (unit.mask + unit.noise).view(1, 3, 1, 1)
+    torch.testing.assert_close(net(x), (out * scale).flatten(1))
+    units.close()
