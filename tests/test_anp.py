@@ -444,3 +444,48 @@ def test_a_conv_without_bias_is_scaled_and_perturbed_as_a_whole() -> None:
     scale = (unit.mask + unit.noise).view(1, 3, 1, 1)
     torch.testing.assert_close(net(x), (out * scale).flatten(1))
     units.close()
+
+
+def test_one_ascent_step_moves_each_noise_by_step_times_the_gradients_sign() -> None:
+    torch.manual_seed(0)
+    net = Residual().eval()
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
+    units = MaskedNeurons(net)
+    units.reset_noise(0.25, torch.Generator().manual_seed(0))
+    units.perturb(True)
+    start = [t.clone() for t in units.noises]
+    for t in units.noises:  # the gradient at the start, through the same hooks
+        t.requires_grad_(True)
+    grads = torch.autograd.grad(F.cross_entropy(net(x), y), units.noises)
+    for t in units.noises:
+        t.requires_grad_(False)
+    units.ascend(lambda: F.cross_entropy(net(x), y), step=0.1, eps=0.25)
+    for t, s, g in zip(units.noises, start, grads, strict=True):
+        torch.testing.assert_close(t, (s + 0.1 * torch.sign(g)).clamp(-0.25, 0.25))
+    units.close()
+
+
+def test_a_conv_the_forward_never_calls_gets_no_perturbation_and_breaks_nothing() -> None:
+    """A module tree may hold convs the forward skips (an unused head): their noise has no gradient."""
+
+    class WithUnusedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1)
+            self.unused = nn.Conv2d(1, 2, 1)
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = WithUnusedHead().eval()
+    x, y = torch.randn(4, 1, 3, 3), torch.randint(0, 2, (4,))
+    units = MaskedNeurons(net)
+    units.reset_noise(0.25, torch.Generator().manual_seed(0))
+    units.perturb(True)
+    unused = [u for u in units.units if u.name == "unused"][0]
+    before = unused.noise.clone()
+    units.ascend(lambda: F.cross_entropy(net(x), y), step=0.1, eps=0.25)
+    assert torch.equal(unused.noise, before)
+    units.close()
