@@ -46,6 +46,9 @@ def test_the_teacher_record_is_the_per_sample_mean_loss_and_the_steps_of_each_ep
     expected = float(F.cross_entropy(model(x), y))
     assert record["loss_epoch_mean"] == pytest.approx([expected] * 3, rel=1e-6)
     assert record == {**record, "given": False, "epochs": 3, "steps": 9, "samples": 5}
+    assert isinstance(record["samples"], int)
+    _, once = fine_tuned_copy(None, model, loader, epochs=1, transfer=lambda b: b, batch_to_xy=split_batch)
+    assert (once["steps"], once["samples"]) == (3, 5)
     assert teacher is not model and all(p.grad is None for p in teacher.parameters())  # grads released
 
 
@@ -122,6 +125,18 @@ def test_reshuffled_keeps_the_loader_but_shuffles_each_epoch() -> None:
     assert reshuffled(DataLoader(data, batch_size=None), None).batch_size == 1
     pinned = reshuffled(DataLoader(data, batch_size=4, pin_memory=True), None)
     assert pinned.pin_memory is True
+
+    def own_collate(batch: list) -> list:
+        return batch
+
+    custom = reshuffled(DataLoader(data, batch_size=4, collate_fn=own_collate, num_workers=1), None)
+    assert custom.collate_fn is own_collate and custom.num_workers == 1
+
+    class HasDataset:  # not a DataLoader, though it has a sized dataset: used as it is
+        dataset = data
+
+    holder = HasDataset()
+    assert reshuffled(holder, 4) is holder
     not_a_loader = [data[0]]
     assert reshuffled(not_a_loader, 4) is not_a_loader
 
