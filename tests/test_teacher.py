@@ -167,6 +167,9 @@ def test_the_distances_use_the_given_p() -> None:
         assert float(layer_distance(s, t, p)) == pytest.approx(want)
         assert float(attention_loss([s], [t], [2.0], p)) == pytest.approx(2 * want)
     assert float(layer_distance(s, t, 1.0)) != pytest.approx(float(layer_distance(s, t, 2.0)))
+    # p = 2 by default (NAD's and attention transfer's)
+    assert float(layer_distance(s, t)) == float(layer_distance(s, t, 2.0))
+    assert float(attention_loss([s], [t], [1.0])) == float(attention_loss([s], [t], [1.0], 2.0))
 
 
 def test_attention_loss_names_the_counts_it_was_given() -> None:
