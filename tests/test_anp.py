@@ -237,13 +237,20 @@ def test_hooks_apply_the_reference_formula_after_the_batchnorm_or_the_conv() -> 
     assert torch.equal(net(x), plain)
 
 
-def test_the_perturbation_ascends_the_loss_and_stays_within_eps() -> None:
+def _perturbed_residual() -> tuple[nn.Module, Tensor, Tensor, MaskedNeurons]:
+    """The held-out residual net under masks, a batch, and a perturbation drawn in [-0.25, 0.25] (exact in float32,
+    so the bound is checked exactly), switched on."""
     torch.manual_seed(0)
     net = Residual().eval()
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
-    units = MaskedNeurons(net)  # eps 0.25: exact in float32, so the bound is checked exactly
+    units = MaskedNeurons(net)
     units.reset_noise(0.25, torch.Generator().manual_seed(0))
     units.perturb(True)
+    return net, x, y, units
+
+
+def test_the_perturbation_ascends_the_loss_and_stays_within_eps() -> None:
+    net, x, y, units = _perturbed_residual()
     start = [t.clone() for t in units.noises]
     with torch.no_grad():
         before = float(F.cross_entropy(net(x), y))
@@ -447,12 +454,7 @@ def test_a_conv_without_bias_is_scaled_and_perturbed_as_a_whole() -> None:
 
 
 def test_one_ascent_step_moves_each_noise_by_step_times_the_gradients_sign() -> None:
-    torch.manual_seed(0)
-    net = Residual().eval()
-    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
-    units = MaskedNeurons(net)
-    units.reset_noise(0.25, torch.Generator().manual_seed(0))
-    units.perturb(True)
+    net, x, y, units = _perturbed_residual()
     start = [t.clone() for t in units.noises]
     for t in units.noises:  # the gradient at the start, through the same hooks
         t.requires_grad_(True)

@@ -54,9 +54,9 @@ from backdoor_lab.defenses.base import Defense, DefenseContext
 from backdoor_lab.defenses.channel_masks import ChannelMaskCallback, ChannelMasks, masks_record
 from backdoor_lab.defenses.fit_data import batch_transfer, find_clean_loader, find_triggered_loader
 from backdoor_lab.defenses.methods import NO_FINE_TUNING
-from backdoor_lab.defenses.neurons import MaskedNeurons, MaskValues, model_device
+from backdoor_lab.defenses.neurons import MaskedNeurons, MaskValues
 from backdoor_lab.defenses.pruner import BatchToXY
-from backdoor_lab.defenses.pruning import conv_layer_names, move_to_device, run_batches, split_batch
+from backdoor_lab.defenses.pruning import conv_layer_names, model_device, move_to_device, run_batches, split_batch
 from backdoor_lab.defenses.ranking import progress_bar
 
 log = logging.getLogger(__name__)

@@ -57,9 +57,9 @@ from backdoor_lab.defenses.attention import attention_loss, captured_features, c
 from backdoor_lab.defenses.base import Defense, DefenseContext, FineTuneBudget
 from backdoor_lab.defenses.fit_data import batch_transfer, find_clean_loader
 from backdoor_lab.defenses.methods import fine_tune
+from backdoor_lab.defenses.pruner import BatchToXY
 from backdoor_lab.defenses.pruning import split_batch
 from backdoor_lab.defenses.teacher import (
-    BatchToXY,
     OptimizerFactory,
     fine_tuned_copy,
     frozen_copy,

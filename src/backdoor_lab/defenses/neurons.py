@@ -14,13 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from backdoor_lab.defenses.channel_masks import conv_units
+from backdoor_lab.defenses.pruning import model_device
 
 MaskValues = dict[str, list[float]]  # conv layer name -> the optimised mask of each output channel
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without any)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 class _Unit:

@@ -39,6 +39,7 @@ from backdoor_lab.defenses.pruning import (
     hit_mask,
     kept_channels,
     masked_modules,
+    model_device,
     move_to_device,
     prune_schedule,
     resolve_layer,
@@ -215,8 +216,7 @@ class FinePruner:
         return self.channel_activation
 
     def _device(self) -> torch.device:
-        first = next(iter(self.model.parameters()), None)
-        return first.device if first is not None else torch.device("cpu")
+        return model_device(self.model)
 
     def _move(self, batch: Any, dataloader_idx: int) -> Any:
         if self.transfer is not None:

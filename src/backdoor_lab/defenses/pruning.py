@@ -173,6 +173,11 @@ def split_batch(batch: Sequence | dict | Tensor) -> tuple[Tensor, Tensor | None,
     return x, y, true
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Every tensor of a (nested) batch on ``device``: the plain-PyTorch batch transfer."""
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)

@@ -17,10 +17,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
-BatchToXY = Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]]
+from backdoor_lab.defenses.pruner import BatchToXY
+from backdoor_lab.defenses.pruning import model_device
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
@@ -45,7 +47,7 @@ def first_optimizer(config: Any) -> torch.optim.Optimizer:
 
 def rng_devices(module: nn.Module) -> list[int]:
     """The CUDA devices whose generators ``torch.random.fork_rng`` must save for ``module`` (none on CPU)."""
-    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    device = model_device(module)
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
