@@ -52,20 +52,30 @@ def config(experiment: str, root: Path, extra: list[str]) -> DictConfig:
     return cfg
 
 
-def plain_loop(cfg: DictConfig, epochs: int, fast: bool, device: torch.device) -> tuple[float, int]:
-    """The hand-written fp32 (or bf16 + channels-last) loop; returns (wall seconds, samples trained)."""
+def plain_loop(
+    cfg: DictConfig, epochs: int, fast: bool, device: torch.device, compiled: bool = False
+) -> tuple[float, int, list[float]]:
+    """The hand-written fp32 (or bf16 + channels-last, optionally ``torch.compile``d) loop.
+
+    Returns (wall seconds, samples trained, each epoch's seconds): a compiled loop pays its compilation in the
+    first epoch, so the later epochs show its steady speed.
+    """
     torch.manual_seed(cfg.seed)
     dm = build_datamodule(cfg, fit_on="poisoned")
     net = build_model(cfg, dm.num_classes).net.to(device)
     if fast:
         net = net.to(memory_format=torch.channels_last)
+    if compiled:
+        net.compile()  # in place: the module keeps its names (and state_dict keys)
     opt = instantiate(cfg.model.optimizer)(params=net.parameters())
     loader = DataLoader(dm.dataset(dm.fit_on), batch_size=cfg.data.batch_size, shuffle=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else nullcontext()
     net.train()
     samples = 0
     start = time.perf_counter()
+    epoch_walls = []
     for _ in range(epochs):
+        epoch_start = time.perf_counter()
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
             if fast:
@@ -76,12 +86,13 @@ def plain_loop(cfg: DictConfig, epochs: int, fast: bool, device: torch.device) -
             loss.backward()
             opt.step()
             samples += len(y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, samples
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_walls.append(time.perf_counter() - epoch_start)
+    return time.perf_counter() - start, samples, epoch_walls
 
 
-def framework_fit(cfg: DictConfig, epochs: int) -> tuple[float, int]:
+def framework_fit(cfg: DictConfig, epochs: int) -> tuple[float, int, list[float]]:
     """``train.py``'s Trainer and model, fit for ``epochs`` (validation every epoch, as configured)."""
     torch.manual_seed(cfg.seed)
     dm = build_datamodule(cfg, fit_on="poisoned")
@@ -89,7 +100,7 @@ def framework_fit(cfg: DictConfig, epochs: int) -> tuple[float, int]:
     trainer = build_trainer(cfg, Path(cfg.paths.run_dir), [], epochs)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
-    return time.perf_counter() - start, epochs * len(dm.dataset(dm.fit_on))
+    return time.perf_counter() - start, epochs * len(dm.dataset(dm.fit_on)), []
 
 
 def main() -> None:
@@ -99,6 +110,9 @@ def main() -> None:
     parser.add_argument("--only", choices=TASKS, action="append")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--markdown", action="store_true", help="print the rows as a docs/benchmarks.md table")
+    parser.add_argument(
+        "--compile", action="store_true", help="add the plain bf16+channels-last loop under torch.compile"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,18 +130,22 @@ def main() -> None:
             fp32 = config(task, root, trainer_extra)
             fast = config(task, root, [*trainer_extra, "speed=fast"])
             build_datamodule(fp32, fit_on="poisoned")  # data built (or read from the cache) before any timing
-            plain_s, n = plain_loop(fp32, args.epochs, False, device)
             results = {
-                "plain fp32 loop": (plain_s, n),
+                "plain fp32 loop": plain_loop(fp32, args.epochs, False, device),
                 "plain bf16+channels-last loop": plain_loop(fp32, args.epochs, True, device),
-                "framework fp32": framework_fit(fp32, args.epochs),
-                "framework speed=fast": framework_fit(fast, args.epochs),
             }
+            if args.compile:
+                results["plain bf16+channels-last+compile loop"] = plain_loop(fp32, args.epochs, True, device, True)
+            results["framework fp32"] = framework_fit(fp32, args.epochs)
+            results["framework speed=fast"] = framework_fit(fast, args.epochs)
+        plain_s, n, _ = results["plain fp32 loop"]
         base = n / plain_s
-        for label, (wall, samples) in results.items():
+        for label, (wall, samples, epoch_walls) in results.items():
             rate = samples / wall
             rows.append((task, label, rate, rate / base, wall))
-            print(f"{task:16s} {label:32s} {rate:8.0f} samples/s  {rate / base:5.2f}x  ({wall:.1f} s)", flush=True)
+            epochs = f"; epochs {', '.join(f'{w:.1f}' for w in epoch_walls)} s" if epoch_walls else ""
+            line = f"{task:16s} {label:38s} {rate:8.0f} samples/s  {rate / base:5.2f}x  ({wall:.1f} s{epochs})"
+            print(line, flush=True)
     if args.markdown:
         print("\n| task | loop | samples/s | vs plain fp32 | wall |\n|---|---|---|---|---|")
         for task, label, rate, ratio, wall in rows:

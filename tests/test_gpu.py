@@ -30,3 +30,11 @@ def test_the_main_job_and_every_defense_run_on_the_gpu(tmp_path: Path) -> None:
         assert all(math.isfinite(record["after"][k]) for k in ("clean_acc", "asr")), name
     job = Path(cfg.paths.run_dir)
     assert json.loads((job / "metrics.json").read_text())["config"]["trainer"]["accelerator"] == "gpu"
+
+
+def test_compile_trains_on_the_gpu(tmp_path: Path) -> None:
+    """``compile=true`` with inductor on the GPU (on the CPU it does not pay: docs/benchmarks.md)."""
+    overrides = ["debug=tiny", "trainer=gpu", "compile=true", "defenses=[fine_pruning]"]
+    cfg = compose_run("train", tmp_path, "gpu", overrides)
+    result = train(cfg)
+    assert math.isfinite(result["train"]["clean_acc"]) and result["defenses"]["fine_pruning"]["pruned_channels"]

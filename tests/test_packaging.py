@@ -24,7 +24,7 @@ def test_dependencies_are_ranges_never_pins() -> None:
         assert "==" not in spec and ">=" in spec, spec
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: its tests share one xdist worker (conftest), not one module
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel of this checkout, installed (without its dependencies, which this environment has) into a folder."""
     wheels = tmp_path_factory.mktemp("wheels")

@@ -53,7 +53,7 @@ def test_the_readme_shows_the_commands_people_need() -> None:
         assert any(needed in c for c in COMMANDS), needed
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: its tests share one xdist worker (conftest), not one module
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("readme")
 
@@ -76,8 +76,9 @@ def test_readme_command_runs_as_written(command: str, workdir: Path) -> None:
         assert "| Initial |" in done.stdout or "| Fine-pruning |" in done.stdout
 
 
-def test_the_successor_callbacks_example_runs_as_written() -> None:
+def test_the_successor_callbacks_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's callbacks example, executed verbatim on a tiny model whose backbone has the named layers."""
+    monkeypatch.chdir(tmp_path)  # a user's Trainer writes checkpoints/ into the working folder
     import lightning as L
     import torch
     from torch import nn

@@ -14,21 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from backdoor_lab.reporting.side_by_side import defense_table, defense_times, main, read_summary_csv
+from backdoor_lab.reporting.side_by_side import defense_table, defense_times, main, of_seeds, read_summary_csv
 
 from .conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-MARKED = re.findall(r"<!-- (table|times) from (\S+summary\.csv)[^>]*-->\n((?:\|.*\|\n)+)", README)
+MARKED = re.findall(r"<!-- (table|times) from (\S+summary\.csv)([^>]*)-->\n((?:\|.*\|\n)+)", README)
 
 
 def test_the_readme_marks_its_tables() -> None:
-    assert any(kind == "table" and "paper_sweep" in path for kind, path, _ in MARKED)
+    assert any(kind == "table" and "paper_sweep" in path for kind, path, *_ in MARKED)
 
 
-@pytest.mark.parametrize(("kind", "path", "shown"), MARKED, ids=[f"{k}:{p}" for k, p, _ in MARKED])
-def test_a_readme_table_equals_its_record(kind: str, path: str, shown: str) -> None:
-    rows = read_summary_csv(ROOT / path)
+@pytest.mark.parametrize(("kind", "path", "command", "shown"), MARKED, ids=[f"{k}:{p}" for k, p, *_ in MARKED])
+def test_a_readme_table_equals_its_record(kind: str, path: str, command: str, shown: str) -> None:
+    """A marker may name the seeds it shows (``--seeds 0``): the times of the seed that ran on an idle machine."""
+    seeds = re.search(r"--seeds (\S+?)\)?(?:\s|$)", command)
+    rows = of_seeds(read_summary_csv(ROOT / path), seeds.group(1).split(",") if seeds else None)
+    assert rows, f"{path} has no rows of the marker's seeds"
     computed = defense_table(rows) if kind == "table" else defense_times(rows)
     assert shown == computed, f"the README's table differs from {path}; recompute it with side_by_side"
 
@@ -47,6 +50,11 @@ def test_side_by_side_recomputes_cells_from_rows(capsys: pytest.CaptureFixture[s
     # means and sample std in percent: (90, 80) -> 85.00 ± 7.07; (100, 90) -> 95.00 ± 7.07
     assert "| t | baseline | 85.00 ± 7.07 / 95.00 ± 7.07 (2) | 80.00 ± 7.07 / 20.00 ± 14.14 (2) |" in out
     assert "| CLP | 3 s |" in out and "| Initial |" not in out.split("own time")[1]
+    assert main([str(csv), "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| t | baseline | 80.00 / 90.00 (1) | 75.00 / 30.00 (1) |" in out and "| CLP | 4 s |" in out
+    with pytest.raises(SystemExit):
+        main([str(csv), "--seeds", "7"])
 
 
 def _percent(value: float) -> str:

@@ -45,7 +45,7 @@ class InterruptAt(L.Callback):
 INTERRUPT = ["+callbacks.interrupt._target_=tests.test_resume.InterruptAt", "+callbacks.interrupt.epoch=1"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: its tests share one xdist worker (conftest), not one module
 def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A train.py job (the twins' config) stopped at the start of its second epoch."""
     root = tmp_path_factory.mktemp("interrupted")

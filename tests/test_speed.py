@@ -118,3 +118,35 @@ def test_validating_less_often_ends_on_the_same_weights() -> None:
     _, every_epoch = _fine_tuned(1)
     for every in (0, 2, 3):
         assert torch.equal(_fine_tuned(every)[1], every_epoch), every
+
+
+def test_compile_trains_through_the_compiled_network_and_keeps_the_weights_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compile=true`` compiles the network in place for training only: the weights keep their names (defenses
+    and defend.py load them), the training key is the uncompiled run's, and bad values are refused first.
+
+    Dynamo's ``eager`` backend stands in for inductor (its C++ build takes a minute on this CPU): the graph
+    capture is the same, so a network that cannot be compiled, or a name that changes, fails here.
+    """
+    compiled: list[nn.Module] = []
+    frames: list[object] = []
+    original = nn.Module.compile
+
+    def compile_eagerly(self: nn.Module, *args, **kwargs) -> None:
+        compiled.append(self)
+        original(self, backend=lambda graph, inputs: frames.append(graph) or graph.forward)
+
+    monkeypatch.setattr(nn.Module, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    cfg = compose_run("train", tmp_path, "compiled", [*TINY_SIGNS, "compile=true"])
+    result = train(cfg)
+    plain_cfg = compose_run("train", tmp_path, "plain", TINY_SIGNS)
+    stock = build_model(plain_cfg, 18)
+    assert [type(m) for m in compiled] == [type(stock.net)] and frames  # the network, traced by dynamo
+    assert train_key(training_config(cfg)) == train_key(training_config(plain_cfg))
+    weights = load_file(str(Path(cfg.paths.run_dir) / "model.safetensors"))
+    assert set(weights) == set(stock.state_dict())  # no "_orig_mod." prefix: defend.py loads them
+    assert 0 <= result["train"]["clean_acc"] <= 1
+    with pytest.raises(Exception, match="compile must be true or false"):
+        train(compose_run("train", tmp_path, "bad", [*TINY_SIGNS, "compile=yes"]))

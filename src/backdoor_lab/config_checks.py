@@ -66,6 +66,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "seed": ("an integer in [0, 4294967295]", lambda v: _integer(v) and 0 <= v <= 2**32 - 1),
     "threads": ("an integer >= 1, or null (torch's default)", _optional(lambda v: _integer(v) and v >= 1)),
     "reuse": ("true or false", lambda v: isinstance(v, bool)),
+    "compile": ("true or false", lambda v: isinstance(v, bool)),
     "trainer.max_epochs": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
     "prune.prune_ratio": (
         "a number in [0, 1), or null (the stop rule)",

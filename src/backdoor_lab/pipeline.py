@@ -111,6 +111,8 @@ def train_model(cfg: DictConfig, run_dir: Path) -> TrainRun:
     dm = build_datamodule(cfg, fit_on="poisoned")
     log.info("Data: %s", dm.summary)
     model = build_model(cfg, dm.num_classes)
+    if cfg.get("compile"):  # in place, so the weights keep their names; the training's fits only, not the defenses'
+        model.net.compile()
     flat = training_config(cfg)
     key = train_key(flat)
     variant = attack_variant(cfg)

@@ -87,6 +87,14 @@ def defense_times(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def of_seeds(rows: Sequence[Row], seeds: Iterable[str | int] | None) -> list[Row]:
+    """The rows of ``seeds`` only (None: all): times measured on an idle machine next to accuracies of every seed."""
+    if seeds is None:
+        return list(rows)
+    wanted = {str(s) for s in seeds}
+    return [row for row in rows if str(row.get("seed")) in wanted]
+
+
 def side_by_side(rows: Sequence[Row]) -> str:
     """Both tables, as summary.md and the README show them."""
     return defense_table(rows) + "\nEach defense's own time (mean over seeds and attacks):\n\n" + defense_times(rows)
@@ -101,10 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "from a summary.csv (a sweep folder's, or a committed docs/results/<sweep>/summary.csv).",
     )
     parser.add_argument("summary_csv", type=Path, help="a summary.csv written by python -m backdoor_lab.reporting")
+    parser.add_argument(
+        "--seeds", type=lambda text: text.split(","), default=None, help="only these seeds: 0 or 0,1 (default: all)"
+    )
     args = parser.parse_args(argv)
     if not args.summary_csv.is_file():
         parser.error(f"{args.summary_csv} is not a file; run python -m backdoor_lab.reporting <folder> first")
-    print(side_by_side(read_summary_csv(args.summary_csv)), end="")
+    rows = of_seeds(read_summary_csv(args.summary_csv), args.seeds)
+    if not rows:
+        parser.error(f"{args.summary_csv} has no rows of seeds {','.join(args.seeds)}")
+    print(side_by_side(rows), end="")
     return 0
 
 
