@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab import FinePruningCallback
+from backdoor_lab.defenses.pruner import FinePruner
 from backdoor_lab.defenses.pruning import (
     ChannelActivation,
     fold_prune_masks,
@@ -250,7 +251,6 @@ def test_trigger_channel_ranks_locate_the_channel_a_trigger_drives(tmp_path) -> 
 # ----------------------------------------------------------------- FinePruner: plain PyTorch, fast curve, bad input
 def _example_code() -> str:
     """The example lines of FinePruner's docstring, as a user would paste them."""
-    from backdoor_lab.defenses.pruner import FinePruner
 
     doc = FinePruner.__doc__
     block = doc[doc.index("::") + 2 : doc.index("Args:")]
@@ -301,7 +301,6 @@ def _built_in(name: str) -> tuple[nn.Module, tuple[int, ...], str, str | None]:
 @pytest.mark.parametrize("name", ["signs", "speech", "faces", "residual"])
 def test_cached_curve_equals_full_re_evaluation_at_every_channel_count(name, monkeypatch) -> None:
     from backdoor_lab.defenses import curve_cache
-    from backdoor_lab.defenses.pruner import FinePruner
 
     torch.manual_seed(0)
     model, shape, layer, stat = _built_in(name)
@@ -399,7 +398,6 @@ def test_running_sums_need_readers_linear_in_the_cut() -> None:
 
 
 def test_a_tail_without_linear_readers_still_equals_full_re_evaluation() -> None:
-    from backdoor_lab.defenses.pruner import FinePruner
 
     torch.manual_seed(0)
     model = SigmoidNet().eval()
@@ -423,7 +421,6 @@ class DataDependent(KnownNet):
 
 
 def test_untraceable_network_falls_back_to_full_re_evaluation_with_one_warning() -> None:
-    from backdoor_lab.defenses.pruner import FinePruner
 
     pruner = FinePruner(DataDependent(), "features.0", step=1)
     with pytest.warns(RuntimeWarning, match="re-evaluates the whole network") as record:
@@ -446,7 +443,6 @@ class DictOut(KnownNet):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_bad_input_fails_clearly_before_any_pruning(fast) -> None:
-    from backdoor_lab.defenses.pruner import FinePruner
 
     loader = DataLoader(known_data(), batch_size=16)
     cases = [
@@ -463,7 +459,6 @@ def test_bad_input_fails_clearly_before_any_pruning(fast) -> None:
 
 
 def test_dict_batches_name_the_accepted_keys_and_batch_to_xy(tmp_path) -> None:
-    from backdoor_lab.defenses.pruner import FinePruner
 
     batches = [{"pixels": x, "cls": y} for x, y in known_data()]
     loader = DataLoader(batches, batch_size=16)
@@ -474,3 +469,56 @@ def test_dict_batches_name_the_accepted_keys_and_batch_to_xy(tmp_path) -> None:
         _trainer(tmp_path, cb).fit(PlainModule())
     pruner = FinePruner(KnownNet(), "features.0", step=1, batch_to_xy=lambda b: (b["pixels"], b["cls"], None))
     assert pruner.run(loader) == [0, 1]
+
+
+# ----------------------------------------------------------------- FinePruner's protocol: choose, apply, run
+def _known_pruner(**kwargs) -> FinePruner:
+    return FinePruner(KnownNet(), "features.0", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "drop", "chosen"),
+    [
+        ([1.0, 0.75, 0.5], 0.25, 1),  # exactly at baseline - drop passes (binary-exact values: no rounding)
+        ([0.9, 1.0, 0.875, 0.5], 0.03125, 2),  # the baseline is the unpruned point, not the best one
+        ([1.0, 0.5, 1.0], 0.25, 0),  # the first failing point stops the rule: no later recovery counts
+        ([1.0, 1.0, 1.0, 1.0], 0.0, 3),  # nothing lost: the last point
+    ],
+)
+def test_the_stop_rule_keeps_the_last_count_before_the_first_drop_past_the_budget(accuracies, drop, chosen) -> None:
+    pruner = _known_pruner(max_accuracy_drop=drop)
+    pruner.prune_curve = [{"pruned": i, "clean_acc": a, "asr": None} for i, a in enumerate(accuracies)]
+    assert pruner.choose() == chosen
+
+
+def test_choose_before_the_curve_says_what_to_call_first() -> None:
+    with pytest.raises(RuntimeError, match=r"^the stop rule needs the curve: call measure_curve\(\) first$"):
+        _known_pruner().choose()
+    assert _known_pruner(prune_ratio=0.5).choose() == 2  # a ratio needs no curve
+
+
+def test_apply_masks_the_count_it_is_given_and_frees_the_cached_pass() -> None:
+    pruner = _known_pruner()  # stop rule: pruning the class channel (2) drops accuracy to 50%, so it keeps 2
+    loader = DataLoader(known_data(), batch_size=16)
+    pruner.rank(loader)
+    pruner.measure_curve()
+    assert pruner.choose() == 2
+    assert pruner.apply(3) == [0, 1, 2]  # an explicit count wins over the stop rule
+    assert pruner.keep_mask().tolist() == [False, False, False, True]
+    assert pruner._clean is None and pruner._triggered is None and pruner._cache is None  # the pass's tensors freed
+    assert pruner.apply() == [0, 1]
+
+
+def test_run_ranks_both_loaders_with_their_indices_then_applies_the_stop_rule() -> None:
+    seen: list[int] = []
+
+    def transfer(batch, dataloader_idx: int):
+        seen.append(dataloader_idx)
+        return batch
+
+    pruner = _known_pruner(transfer=transfer)
+    triggered = DataLoader(TensorDataset(torch.full((32, 1, 2, 2), 2.0), torch.ones(32, dtype=torch.long)), 16)
+    assert pruner.run(DataLoader(known_data(), batch_size=16), triggered, clean_idx=3, triggered_idx=5) == [0, 1]
+    assert pruner.triggered_activation == pytest.approx([0.0, 0.1, 2.0, 3.0])  # the triggered loader was read
+    assert set(seen) == {3, 5} and seen.count(3) == 4 and seen.count(5) == 2  # one pass each, with its index
+    assert pruner.prune_curve[0]["asr"] == 1.0
