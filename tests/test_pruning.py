@@ -15,6 +15,7 @@ from backdoor_lab.defenses.pruning import (
     ChannelActivation,
     fold_prune_masks,
     following_batchnorm,
+    kept_channels,
     prune_schedule,
     resolve_layer,
     set_channel_mask,
@@ -522,3 +523,62 @@ def test_run_ranks_both_loaders_with_their_indices_then_applies_the_stop_rule() 
     assert pruner.triggered_activation == pytest.approx([0.0, 0.1, 2.0, 3.0])  # the triggered loader was read
     assert set(seen) == {3, 5} and seen.count(3) == 4 and seen.count(5) == 2  # one pass each, with its index
     assert pruner.prune_curve[0]["asr"] == 1.0
+    assert pruner.trigger_channel_ranks(top=1) == [2]  # the trigger drives channel 2 most; it is third to prune
+
+
+class SharedWeight(nn.Module):
+    """Reads the pruned conv's weight a second time, after the cut: masking the cut's value misses that read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)) + self.conv.weight.sum(dim=(1, 2, 3)))
+
+
+def test_a_cut_right_unmasked_but_wrong_masked_falls_back_and_frees_its_tensors() -> None:
+    """The split equals the network with every channel kept; masked, the second weight read differs: the check
+    of the cut (half the channels masked) must catch it, warn once, drop the cached tensors and re-evaluate."""
+    torch.manual_seed(0)
+    model = SharedWeight()
+    x = torch.randn(32, 1, 3, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    pruner = FinePruner(model, "conv", prune_ratio=0.5)
+    with pytest.warns(RuntimeWarning, match=r"the split at relu does not give the whole network's logits\)$"):
+        pruner.rank(DataLoader(TensorDataset(x, y), batch_size=8))
+    assert pruner.split is None and pruner._cache is None
+    assert all(b.crossing is None and b.hits is None for b in pruner._clean.batches)
+    curve = pruner.measure_curve()  # the full re-evaluation: masking reaches the second read too
+    with torch.no_grad():
+        for point in curve:
+            set_channel_mask(pruner.modules, kept_channels(4, pruner.pruning_order()[: int(point["pruned"])]))
+            assert point["clean_acc"] == float((model(x).argmax(1) == y).float().mean())
+        set_channel_mask(pruner.modules, torch.ones(4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("logit_scale", "dtype", "running_sums"),
+    [
+        (1.0, torch.float32, True),
+        (1000.0, torch.float32, True),  # the tolerance scales with the largest logit: large logits keep the sums
+        (1.0, torch.bfloat16, False),  # bf16 rounding is far coarser than the sums' tolerance: re-run the readers
+    ],
+)
+def test_running_sums_stand_in_for_the_readers_only_in_full_precision(logit_scale, dtype, running_sums) -> None:
+    from backdoor_lab.models.traffic_cnn import TrafficSignCNN
+
+    torch.manual_seed(0)
+    model = TrafficSignCNN(4, channels=(4, 4, 4, 4, 16), hidden=16).eval()
+    with torch.no_grad():
+        model.classifier[-1].weight.mul_(logit_scale)
+        model.classifier[-1].bias.mul_(logit_scale)
+    model = model.to(dtype)
+    x = torch.randn(64, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    pruner = FinePruner(model, "conv5")
+    pruner.rank(DataLoader(TensorDataset(x, y), batch_size=16))
+    assert pruner.split is not None and pruner.incremental is running_sums
