@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from backdoor_lab.defenses.fit_data import find_clean_loader, pick_clean
+from backdoor_lab.defenses.fit_data import batch_transfer, find_clean_loader, pick_clean
 
 WHO = "SomeCallback"
 
@@ -77,8 +77,16 @@ def test_find_clean_loader_takes_the_sources_in_order() -> None:
     assert find_clean_loader(_trainer(None, [object(), fit_val]), Module(), None, 1, WHO) == (fit_val, 1)
     assert find_clean_loader(_trainer(OnlyVal()), Module(), None, 1, WHO) == (dm_val, 1)
     assert find_clean_loader(_trainer(None), ModuleWithVal(), None, None, WHO) == (dm_val, 0)
-    with pytest.raises(MisconfigurationException, match=r"^fit\(val_dataloaders=\.\.\.\) gives 2 dataloaders"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"^fit\(val_dataloaders=\.\.\.\) gives 2 dataloaders \(\[0, 1\]\): pass SomeCallback\(clean_",
+    ):
         find_clean_loader(_trainer(None, [object(), fit_val]), Module(), None, None, WHO)
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"^the datamodule's val_dataloader\(\) gives 2 dataloaders \(\[0, 1\]\): pass SomeCallback\(",
+    ):
+        find_clean_loader(_trainer(OnlyVal()), Module(), None, None, WHO)
     with pytest.raises(
         MisconfigurationException, match=r"^the module's val_dataloader\(\) gives 2 dataloaders .* Some"
     ):
@@ -89,3 +97,25 @@ def test_find_clean_loader_takes_the_sources_in_order() -> None:
         MisconfigurationException, match=r"^SomeCallback needs clean validation data and found none: pass"
     ):
         find_clean_loader(_trainer(None), Module(), None, None, WHO)
+
+
+def test_batch_transfer_runs_lightnings_steps_in_order_with_the_loaders_index() -> None:
+    """Precision's input conversion, then the module's before-transfer hook, then the strategy's move, each
+    handed the dataloader index (a module's hooks may treat the clean and triggered loaders differently)."""
+    calls: list[tuple] = []
+    precision = SimpleNamespace(convert_input=lambda b: calls.append(("convert", b)) or b + ["converted"])
+    strategy = SimpleNamespace(
+        batch_to_device=lambda b, dataloader_idx: calls.append(("move", b, dataloader_idx)) or b + ["moved"]
+    )
+    module = SimpleNamespace(
+        _on_before_batch_transfer=lambda b, dataloader_idx: (
+            calls.append(("before", b, dataloader_idx)) or b + ["before"]
+        )
+    )
+    transfer = batch_transfer(SimpleNamespace(strategy=strategy, precision_plugin=precision), module)
+    assert transfer(["x"], 3) == ["x", "converted", "before", "moved"]
+    assert calls == [
+        ("convert", ["x"]),
+        ("before", ["x", "converted"], 3),
+        ("move", ["x", "converted", "before"], 3),
+    ]
