@@ -39,6 +39,7 @@ SHARED_FIXTURE_GROUPS = {
     "interrupted_run": "twin_runs",  # test_resume compares it with the twins
     "workdir": "readme_folder",  # test_readme: defend.py reads what train.py wrote
     "installed": "installed_wheel",  # test_packaging: the built and installed wheel
+    "ddp_runs": "ddp_runs",  # test_callback_ddp: one 2-process launch for both curve modes
 }
 
 

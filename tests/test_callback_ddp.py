@@ -110,14 +110,22 @@ def _trainer(out: Path, callbacks: list, max_epochs: int = 0, **kw) -> L.Trainer
     return quiet_trainer(out, callbacks, max_epochs, num_sanity_val_steps=0, limit_val_batches=0, **kw)
 
 
-def main(strategy: str, curve: str, out: Path) -> None:
-    """One 2-process fit (one epoch of fine-tuning after the prune, so that the returned weights matter)."""
-    torch.manual_seed(0)
-    module = CountingModule(lr=0.5)
-    cb = pruning_callback(fast_curve=curve == "fast")
-    _trainer(out, [cb, Report(out)], devices=2, strategy=strategy, max_epochs=1).fit(module)
-    if strategy == "ddp_spawn":  # this is the parent: what came back from rank 0
-        (out / "parent.json").write_text(json.dumps(record(cb, module)))
+def main(strategy: str, curves: str, out: Path) -> None:
+    """A 2-process fit per curve mode in ``curves`` ("fast", "full" or "fast,full"), each writing into ``OUT/<curve>/``
+    (one epoch of fine-tuning after the prune, so that the returned weights matter).
+
+    Under ``ddp`` the second fit reuses the processes and their group (Lightning launches once per script, as for
+    a fit followed by a test): one launch for both curve modes.
+    """
+    for curve in curves.split(","):
+        torch.manual_seed(0)
+        module = CountingModule(lr=0.5)
+        cb = pruning_callback(fast_curve=curve == "fast")
+        folder = out / curve
+        folder.mkdir(exist_ok=True)
+        _trainer(folder, [cb, Report(folder)], devices=2, strategy=strategy, max_epochs=1).fit(module)
+        if strategy == "ddp_spawn":  # this is the parent: what came back from rank 0
+            (folder / "parent.json").write_text(json.dumps(record(cb, module)))
 
 
 def _free_port() -> int:
@@ -127,7 +135,8 @@ def _free_port() -> int:
 
 
 def run_two_processes(strategy: str, curve: str, out: Path, module: str = "tests.test_callback_ddp") -> dict[str, dict]:
-    """Run ``module`` as a 2-process script (``python -m module STRATEGY CURVE OUT``); every JSON it wrote in OUT."""
+    """Run ``module`` as a 2-process script (``python -m module STRATEGY CURVE OUT``); every JSON it wrote in OUT
+    (and in OUT's folders, keyed ``<folder>/<name>``)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(ROOT)}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(var, None)
@@ -140,7 +149,13 @@ def run_two_processes(strategy: str, curve: str, out: Path, module: str = "tests
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    return {str(p.relative_to(out).with_suffix("")): json.loads(p.read_text()) for p in out.glob("**/*.json")}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Both curve modes under ``ddp``, from one launch of two processes."""
+    return run_two_processes("ddp", "fast,full", tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +187,9 @@ def _assert_matches_single_process(rank: dict, single: dict) -> None:
 
 
 @pytest.mark.parametrize("curve", ["fast", "full"])
-def test_ddp_ranks_split_the_batches_and_agree_with_one_process(tmp_path, single_process, curve) -> None:
-    results = run_two_processes("ddp", curve, tmp_path)
-    assert sorted(results) == ["rank0", "rank1"]
+def test_ddp_ranks_split_the_batches_and_agree_with_one_process(ddp_runs, single_process, curve) -> None:
+    assert sorted(ddp_runs) == ["fast/rank0", "fast/rank1", "full/rank0", "full/rank1"]
+    results = {name.split("/")[1]: value for name, value in ddp_runs.items() if name.startswith(f"{curve}/")}
     single = single_process[curve]
     for rank in results.values():
         _assert_matches_single_process(rank, single)
@@ -190,7 +205,7 @@ def test_ddp_ranks_split_the_batches_and_agree_with_one_process(tmp_path, single
 
 
 def test_ddp_spawn_returns_the_mask_and_the_record_to_the_parent(tmp_path, single_process) -> None:
-    results = run_two_processes("ddp_spawn", "fast", tmp_path)
+    results = {k.split("/")[1]: v for k, v in run_two_processes("ddp_spawn", "fast", tmp_path).items()}
     assert sorted(results) == ["parent", "rank0", "rank1"]
     single = single_process["fast"]
     for rank in ("rank0", "rank1"):
