@@ -196,7 +196,7 @@ def test_ddp_ranks_split_the_batches_and_agree_with_one_process(ddp_runs, single
     if curve == "full":  # every curve point re-runs the data: exactly half of it per rank
         expected = single["pruning_samples"] // 2
     else:  # one pass over the data, half per rank, plus the cut's check on the rank's first batch (3 forwards)
-        from backdoor_lab.defenses.pruner import CHECK_SAMPLES
+        from backdoor_lab.defenses.cut_evaluation import CHECK_SAMPLES
 
         check = 3 * min(BATCH, CHECK_SAMPLES)
         expected = (single["pruning_samples"] - check) // 2 + check

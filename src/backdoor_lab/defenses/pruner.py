@@ -13,24 +13,24 @@ Where the layers reading the cut are linear in it (a conv, or a linear layer ove
 built-in network), their outputs are kept as float64 running sums: pruning a channel subtracts that channel's
 term, and only the layers after them run per mask; near ties are decided exactly (``curve_cache``).
 
-Lightning users get the same through ``FinePruningCallback``; the hooks ``transfer``, ``forward_context``,
-``reduce`` and ``broadcast`` are where a trainer plugs in its device transfer, precision and processes.
+This module holds the protocol; how the curve is evaluated through the cut (the cached pass, its check, the
+fallback) lives in ``cut_evaluation``. Lightning users get the same through ``FinePruningCallback``; the hooks
+``transfer``, ``forward_context``, ``reduce`` and ``broadcast`` are where a trainer plugs in its device transfer,
+precision and processes.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from backdoor_lab.defenses.curve_cache import SUMS_TOLERANCE, CachedBatch, CurveCache, RunningSums
+from backdoor_lab.defenses.curve_cache import CachedBatch, CurveCache
+from backdoor_lab.defenses.cut_evaluation import CutEvaluation, LoaderPass
 from backdoor_lab.defenses.network_split import CannotCutError, NetworkSplit, split_network
 from backdoor_lab.defenses.pruning import (
     ChannelActivation,
@@ -54,36 +54,10 @@ from backdoor_lab.defenses.ranking import (
     trigger_channel_ranks,
 )
 
-log = logging.getLogger(__name__)
-
 BatchToXY = Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]]
 
-# The cut is checked against the whole network on this many samples of the first clean batch (three forwards).
-CHECK_SAMPLES = 16
 
-
-@dataclass
-class _Pass:
-    """One loader's pass. On the cached path its answers are ``hits``, a slice of the shared ``CurveCache``."""
-
-    loader: Iterable
-    dataloader_idx: int
-    batches: list[CachedBatch] = field(default_factory=list)
-    first_inputs: Tensor | None = None
-    hits: Tensor | None = None  # per sample: counted and argmax == target, current mask
-
-    @property
-    def correct(self) -> float:
-        if self.hits is not None:
-            return float(self.hits.sum())
-        return sum(b.correct for b in self.batches)
-
-    @property
-    def total(self) -> float:
-        return sum(b.total for b in self.batches)
-
-
-class FinePruner:
+class FinePruner(CutEvaluation):
     """Fine-Pruning of one conv layer of ``model`` (any ``nn.Module`` whose forward returns logits).
 
     Example (plain PyTorch; ``clean_loader`` yields ``(inputs, labels)``)::
@@ -175,9 +149,9 @@ class FinePruner:
         self.split: NetworkSplit | None = None
         self.incremental = False  # the curve keeps running sums of the split's linear readers
         self.exact_tail_runs = 0  # batches the curve re-ran through the cached layers (no sums, or a near tie)
-        self._clean: _Pass | None = None
+        self._clean: LoaderPass | None = None
         self._cache: CurveCache | None = None
-        self._triggered: _Pass | None = None
+        self._triggered: LoaderPass | None = None
 
     # ----------------------------------------------------------------- rank
     @torch.no_grad()
@@ -223,8 +197,8 @@ class FinePruner:
             return self.transfer(batch, dataloader_idx)
         return move_to_device(batch, self._device())
 
-    def _first_pass(self, loader: Iterable, dataloader_idx: int, what: str) -> tuple[_Pass, Tensor]:
-        data = _Pass(loader, dataloader_idx)
+    def _first_pass(self, loader: Iterable, dataloader_idx: int, what: str) -> tuple[LoaderPass, Tensor]:
+        data = LoaderPass(loader, dataloader_idx)
         recorder = ChannelActivation(self.stat_module, rectify=self.rectify)
         calls: list[int] = []
         reached = self.conv.register_forward_hook(lambda *_: calls.append(1))
@@ -308,122 +282,6 @@ class FinePruner:
             )
         if y is None:
             raise ValueError(f"the {what} batches carry no targets: FinePruner counts argmax == target")
-
-    def _exact_enough(self, crossing: tuple) -> bool:
-        """Running sums stand in for the readers only in full precision (not under autocast or in bf16/fp16),
-        and when every value crossing the cut is a per-sample tensor."""
-        cut = crossing[self.split.cut]
-        per_sample = all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == cut.shape[0] for v in crossing)
-        full = cut.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(cut.device.type)
-        return per_sample and full
-
-    def _tail_and_readers(self, crossing: tuple) -> tuple[Tensor, list[Tensor] | None]:
-        """The tail's logits and, for the running sums, each linear reader's output as the tail computed it."""
-        if not self.incremental:
-            return self.split.tail(*crossing), None
-        outputs: list[list[Tensor]] = [[] for _ in self.split.readers]
-        hooks = [  # copies: the layers after a reader may work on its output in place (ReLU(inplace=True))
-            reader.module.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.detach().clone()))
-            for reader, seen in zip(self.split.readers, outputs, strict=True)
-        ]
-        try:
-            logits = self.split.tail(*crossing)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if any(len(seen) != 1 for seen in outputs):  # a reader's module is also called elsewhere in the tail
-            log.info("FinePruner: a layer reading %s runs more than once; re-running it", self.split.cut_name)
-            self.incremental = False
-            return logits, None
-        return logits, [seen[0] for seen in outputs]
-
-    def _gather(self, passes: list[_Pass]) -> CurveCache | None:
-        """One per-sample state over ``passes``; each pass's ``hits`` a view of it."""
-        batches = [b for data in passes for b in data.batches]
-        if not batches:
-            return None
-        if self.incremental and any(b.outputs is None for b in batches):  # a later batch turned the sums off
-            self.incremental = False
-        readers = self.split.readers if self.incremental else None
-        cache = CurveCache.gather(batches, readers, self.split.cut)
-        offset = 0
-        for data in passes:
-            size = sum(len(b.targets) for b in data.batches)
-            data.hits = cache.hits[offset : offset + size]
-            offset += size
-        return cache
-
-    def _fall_back(self, reason: str) -> None:
-        warnings.warn(
-            f"FinePruner: the prune curve re-evaluates the whole network at every step ({reason})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        self.split = None
-
-    def _verify_split(self) -> None:
-        """The cut must give exactly the whole network's logits, unmasked and with half the channels masked.
-
-        Checked on ``CHECK_SAMPLES`` of the first batch; the running sums must agree to ``SUMS_TOLERANCE``.
-        """
-        if not self._clean.batches:  # nothing to check here; the processes that hold batches vote
-            return
-        half = self.pruning_order()[: self.num_channels // 2]
-        keep = kept_channels(self.num_channels, half)
-        everything = torch.ones(self.num_channels, dtype=torch.bool)
-        x = self._clean.first_inputs[:CHECK_SAMPLES]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.forward_context():
-                set_channel_mask(self.modules, keep)
-                whole_masked = self.model(x)
-                set_channel_mask(self.modules, everything)
-                whole = self.model(x)
-                crossing = self.split.head(x)
-                cut_masked = self._masked_tail(crossing, keep)
-                cut = self._masked_tail(crossing, everything)
-                if self.incremental:
-                    value = crossing[self.split.cut]
-                    others = [v for i, v in enumerate(crossing) if i != self.split.cut]
-                    readers = self._cache.sums.readers  # their channel maps, built once for this pass
-                    sums = RunningSums(readers, value, others, [r.output(value) for r in readers])
-                    sums.subtract(half)
-                    summed = sums.logits(self.split.rest)
-        finally:
-            self.model.train(was_training)
-        if not (torch.equal(whole, cut) and torch.equal(whole_masked, cut_masked)):
-            self._drop_cache()
-            self._fall_back(f"the split at {self.split.cut_name} does not give the whole network's logits")
-        elif self.incremental:
-            tolerance = SUMS_TOLERANCE * float(whole_masked.abs().max())
-            if not torch.allclose(summed, whole_masked, rtol=0, atol=tolerance):
-                log.info("FinePruner: running sums disagree with the network; re-running %s", self.split.cut_name)
-                self.incremental = False
-                if self._cache is not None:
-                    self._cache.sums = None
-
-    def _drop_cache(self) -> None:
-        self._cache = None
-        for data in (self._clean, self._triggered):
-            for b in data.batches if data else []:
-                b.crossing = b.buffer = b.hits = b.active = b.outputs = None
-            if data is not None:
-                data.hits = None
-
-    def _masked_tail(self, crossing: tuple, keep: Tensor, out: Tensor | None = None) -> Tensor:
-        # Other values crossing the cut (skip connections) are copied: the tail may work on them in place.
-        values = [v.clone() if isinstance(v, Tensor) and i != self.split.cut else v for i, v in enumerate(crossing)]
-        cut = crossing[self.split.cut]
-        mask = keep.to(cut.device, cut.dtype).view(1, -1, *([1] * (cut.dim() - 2)))
-        values[self.split.cut] = torch.mul(cut, mask, out=out)
-        return self.split.tail(*values)
-
-    def _tail(self, batch: CachedBatch, keep: Tensor) -> Tensor:
-        # The masked map is written into a buffer kept per batch: fresh allocations dominate the tail's cost on CPU.
-        if batch.buffer is None:
-            batch.buffer = torch.empty_like(batch.crossing[self.split.cut])
-        return self._masked_tail(batch.crossing, keep, out=batch.buffer)
 
     # ----------------------------------------------------------------- curve
     @torch.no_grad()
