@@ -37,11 +37,8 @@ Departs from them where they are wrong for this project or unusable on its netwo
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -58,65 +55,9 @@ from backdoor_lab.defenses.neurons import MaskedNeurons, MaskValues
 from backdoor_lab.defenses.pruner import BatchToXY
 from backdoor_lab.defenses.pruning import conv_layer_names, model_device, move_to_device, run_batches, split_batch
 from backdoor_lab.defenses.ranking import progress_bar
+from backdoor_lab.defenses.successor_settings import ANPSettings
 
 log = logging.getLogger(__name__)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class ANPSettings:
-    """ANP's knobs (the root ``anp`` config); defaults as the paper's code and BackdoorBench.
-
-    Args:
-        eps: bound of the multiplicative neuron perturbation (reference ``--anp-eps`` 0.4).
-        alpha: trade-off, loss = alpha * natural + (1 - alpha) * robust (``--anp-alpha`` 0.2).
-        iterations: mask-optimisation steps, one clean batch each (``--nb-iter`` 2000).
-        mask_lr: SGD (momentum 0.9) learning rate of the masks (``--lr`` 0.2).
-        noise_steps: signed ascent steps of the perturbation per iteration (``--anp-steps`` 1).
-        batch_size: clean samples per iteration, drawn with replacement (``--batch-size`` 128); None: the clean
-            loader's own batches, cycled.
-        threshold: prune the units whose mask ends below this (the paper's 0.2).
-        prune_fraction: instead of ``threshold``, prune exactly this fraction of all units, smallest masks first.
-    """
-
-    eps: float = 0.4
-    alpha: float = 0.2
-    iterations: int = 2000
-    mask_lr: float = 0.2
-    noise_steps: int = 1
-    batch_size: int | None = 128
-    threshold: float = 0.2
-    prune_fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("eps", _number(self.eps) and 0 < self.eps <= 1, "a number in (0, 1]"),
-            ("alpha", _number(self.alpha) and 0 <= self.alpha <= 1, "a number in [0, 1]"),
-            ("iterations", _integer(self.iterations) and self.iterations >= 1, "an integer >= 1"),
-            ("mask_lr", _number(self.mask_lr) and self.mask_lr > 0, "a number > 0"),
-            ("noise_steps", _integer(self.noise_steps) and self.noise_steps >= 1, "an integer >= 1"),
-            (
-                "batch_size",
-                self.batch_size is None or (_integer(self.batch_size) and self.batch_size >= 1),
-                "an integer >= 1 or null",
-            ),
-            ("threshold", _number(self.threshold) and 0 <= self.threshold <= 1, "a number in [0, 1]"),
-            (
-                "prune_fraction",
-                self.prune_fraction is None or (_number(self.prune_fraction) and 0 <= self.prune_fraction < 1),
-                "a number in [0, 1) or null",
-            ),
-        ]
-        for key, ok, what in checks:
-            if not ok:
-                raise ValueError(f"anp.{key} must be {what}, got {getattr(self, key)!r}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -24,9 +24,7 @@ plain-weight loading and export behave the same; and ``layers`` can restrict the
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -45,37 +43,9 @@ from backdoor_lab.defenses.channel_masks import (
     masks_record,
 )
 from backdoor_lab.defenses.methods import NO_FINE_TUNING
+from backdoor_lab.defenses.successor_settings import CLPSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CLPSettings:
-    """What CLP prunes (the root ``clp`` config).
-
-    Args:
-        u: a channel is pruned when its UCLC exceeds ``mean + u * std`` of its layer (>= 0; the paper's and the
-            reference code's default 3; smaller prunes more).
-        layers: the conv layers to prune (names in ``named_modules``); None: every ``nn.Conv2d``, as the paper.
-    """
-
-    u: float = 3.0
-    layers: Sequence[str] | None = None  # kept as a tuple (a Hydra ListConfig or a list is converted)
-
-    def __post_init__(self) -> None:
-        u = self.u
-        if isinstance(u, bool) or not isinstance(u, int | float) or not math.isfinite(u) or u < 0:
-            raise ValueError(f"clp.u must be a finite number >= 0, got {u!r}")
-        object.__setattr__(self, "u", float(u))
-        if self.layers is not None:
-            if isinstance(self.layers, str | bytes) or not isinstance(self.layers, Iterable):
-                raise ValueError(f"clp.layers must be null or a list of conv layer names, got {self.layers!r}")
-            layers = tuple(self.layers)  # a Hydra ListConfig, a list or a tuple
-            if not layers or not all(isinstance(name, str) and name for name in layers):
-                raise ValueError(f"clp.layers must be null or a non-empty list of conv layer names, got {layers!r}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"clp.layers names a layer twice: {list(layers)}")
-            object.__setattr__(self, "layers", layers)
 
 
 @torch.no_grad()

@@ -55,9 +55,9 @@ from backdoor_lab.defenses.attention import attention_loss, captured_features, c
 from backdoor_lab.defenses.base import Defense, DefenseContext, FineTuneBudget
 from backdoor_lab.defenses.fit_data import batch_transfer, find_clean_loader
 from backdoor_lab.defenses.methods import fine_tune
-from backdoor_lab.defenses.nad_settings import NADSettings, check_nad_settings, is_number
 from backdoor_lab.defenses.pruner import BatchToXY
 from backdoor_lab.defenses.pruning import split_batch
+from backdoor_lab.defenses.successor_settings import NADSettings, check_nad_settings, real_number
 from backdoor_lab.defenses.teacher import (
     OptimizerFactory,
     fine_tuned_copy,
@@ -113,7 +113,7 @@ class NADCallback(Callback):
         batch_to_xy: BatchToXY = split_batch,
         measure: bool = True,
     ) -> None:
-        layers, betas = list(layers), [float(b) if is_number(b) else b for b in betas]
+        layers, betas = list(layers), [float(b) if real_number(b) else b for b in betas]
         check_nad_settings(
             layers, betas, p, None if teacher is not None else teacher_epochs, error=MisconfigurationException
         )
