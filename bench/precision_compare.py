@@ -1,18 +1,23 @@
-"""Clean accuracy and ASR of models trained with ``speed=fast`` next to fp32's spread over seeds, from records.
+"""Clean accuracy and ASR under ``speed=fast`` next to fp32's spread over seeds, from committed records.
 
     python bench/precision_compare.py docs/results/paper_sweep docs/results/speed_fast_train
+    python bench/precision_compare.py --defenses docs/results/paper_sweep docs/results/paper_sweep_speed_fast_seed0
 
-Reads every ``<task>-baseline-seed<N>/train_metrics.json`` of both folders (the first fp32, the second
-``speed=fast``) and prints, per task: mean ± sample std (n) of each, the fp32 range over seeds, and whether the
-fast mean lies within fp32's mean ± 2 std (within one seed's spread).
+The first form reads every ``<task>-baseline-seed<N>/train_metrics.json`` of both folders (the first fp32, the
+second ``speed=fast``) and prints, per task: mean ± sample std (n) of each, the fp32 range over seeds, and whether
+the fast mean lies within fp32's mean ± 2 std (within one seed's spread). ``--defenses`` does the same for every
+cell of the paper table (task, attack, defense: the test split after the defense) from both ``summary.csv``, and
+prints the fast sweep's span of wall time (first job started to last job finished, from its ``job.json``).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 import sys
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 
@@ -30,7 +35,46 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f} ({len(values)})"
 
 
+def table_cells(folder: Path) -> dict[tuple[str, str, str], dict[str, list[float]]]:
+    """(task, attack variant, defense) -> after-defense clean % and ASR % over the folder's seeds."""
+    out: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with (folder / "summary.csv").open() as f:
+        for row in csv.DictReader(f):
+            for key in ("after_clean_acc", "after_asr"):
+                out[(row["task"], row["attack_variant"], row["defense"])][key].append(100 * float(row[key]))
+    return out
+
+
+def sweep_span(folder: Path) -> float:
+    """Seconds from the first job's start to the last job's end."""
+    jobs = [json.loads(p.read_text()) for p in folder.glob("*/job.json")]
+    started = min(datetime.fromisoformat(j["started"]) for j in jobs)
+    finished = max(datetime.fromisoformat(j["finished"]) for j in jobs)
+    return (finished - started).total_seconds()
+
+
+def compare_defenses(fp32_folder: Path, fast_folder: Path) -> None:
+    fp32, fast = table_cells(fp32_folder), table_cells(fast_folder)
+    print("| task | attack | defense | clean %: fp32 | speed=fast | within | ASR %: fp32 | speed=fast | within |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    outside = total = 0
+    for key in sorted(fast):
+        cells = []
+        for metric in ("after_clean_acc", "after_asr"):
+            ref, new = fp32[key][metric], fast[key][metric]
+            mean, std = statistics.mean(ref), statistics.stdev(ref) if len(ref) > 1 else 0.0
+            inside = abs(statistics.mean(new) - mean) <= 2 * std
+            outside, total = outside + (not inside), total + 1
+            cells += [cell(ref), cell(new), "yes" if inside else "**no**"]
+        print("| " + " | ".join([*key, *cells]) + " |")
+    span = sweep_span(fast_folder)
+    print(f"\n{total - outside} of {total} cells within fp32 mean ± 2 std; speed=fast jobs spanned {span:.0f} s")
+
+
 def main() -> None:
+    if sys.argv[1] == "--defenses":
+        compare_defenses(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     fp32, fast = read(Path(sys.argv[1])), read(Path(sys.argv[2]))
     print("| task | metric | fp32 | fp32 range | speed=fast | within fp32 mean ± 2 std |")
     print("|---|---|---|---|---|---|")

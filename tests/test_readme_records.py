@@ -8,8 +8,10 @@ line before it; ``backdoor_lab.reporting.side_by_side`` recomputes it from that 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,24 @@ def test_the_trigger_channel_ranks_quoted_are_the_fine_pruning_records() -> None
         path = ROOT / "docs/results/defenses_sweep" / f"{folder}-baseline-seed0" / "defense/fine_pruning/metrics.json"
         ranks = json.loads(path.read_text())["trigger_channel_ranks"]
         assert f"{ranks} of {channels} for {task}" in text, (task, ranks)
+
+
+def test_the_speed_fast_paper_seed_figures_are_its_records() -> None:
+    """ "took 8 min 56 s ... sum to 17.2 min ... 30 of 48 cells": bench/precision_compare.py on the two records."""
+    spec = importlib.util.spec_from_file_location("precision_compare", ROOT / "bench/precision_compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    fast_folder = ROOT / "docs/results/paper_sweep_speed_fast_seed0"
+    fp32, fast = compare.table_cells(ROOT / "docs/results/paper_sweep"), compare.table_cells(fast_folder)
+    within = [
+        abs(statistics.mean(fast[key][m]) - statistics.mean(fp32[key][m])) <= 2 * statistics.stdev(fp32[key][m])
+        for key in fast
+        for m in ("after_clean_acc", "after_asr")
+    ]
+    span = round(compare.sweep_span(fast_folder))
+    jobs = sum(json.loads(p.read_text())["wall_s"] for p in fast_folder.glob("*/job.json")) / 60
+    text = " ".join(README.split())
+    assert f"took {span // 60} min {span % 60} s, two jobs at a time" in text
+    assert f"own times sum to {jobs:.1f} min" in text
+    assert f"{sum(within)} of {len(within)} cells lie within" in text
+    assert len(within) == 48  # 3 tasks x 2 attacks x 4 defenses x (clean, ASR)
