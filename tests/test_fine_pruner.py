@@ -1,0 +1,165 @@
+"""``FinePruner``'s own arguments and edges, on ``KnownNet`` (answers known: order 0, 1, 2, 3; pruning 2 halves
+accuracy): its defaults and checks, the ranking switches, the batch cap, processes and samplers, and the path that
+re-evaluates the whole network at every step (``fast=False``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from backdoor_lab.defenses.pruner import FinePruner
+
+from .test_pruning import KnownNet, known_data
+
+
+def loader(n: int = 64, batch_size: int = 16) -> DataLoader:
+    return DataLoader(known_data(n), batch_size=batch_size)
+
+
+def test_a_fresh_pruner_has_the_documented_defaults_and_empty_records() -> None:
+    pruner = FinePruner(KnownNet(), "features.0")
+    assert (pruner.full_curve, pruner.progress, pruner.step, pruner.max_batches) == (False, False, None, None)
+    assert (pruner.prune_ratio, pruner.max_accuracy_drop, pruner.rectify, pruner.fast) == (None, 0.04, True, True)
+    assert pruner.channel_activation == [] and pruner.triggered_activation == []
+    assert pruner.prune_curve == [] and pruner.pruned_channels == []
+    assert pruner.keep_mask().tolist() == [True] * 4 and pruner.pruning_order() == []
+    assert pruner.trigger_channel_ranks() == []
+
+
+def test_the_stop_rule_curve_ends_at_the_first_failing_point_unless_full_curve() -> None:
+    pruner = FinePruner(KnownNet(), "features.0")
+    pruner.rank(loader())
+    assert [p["pruned"] for p in pruner.measure_curve()] == [0, 1, 2, 3]  # 3 is the first point past the budget
+    full = FinePruner(KnownNet(), "features.0", full_curve=True)
+    full.rank(loader())
+    assert [p["pruned"] for p in full.measure_curve()] == [0, 1, 2, 3]  # every count but "all": the same here
+    stepped = FinePruner(KnownNet(), "features.0", step=2, full_curve=True)
+    stepped.rank(loader())
+    assert [p["pruned"] for p in stepped.measure_curve()] == [0, 2, 3]  # step 2, and the last count
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prune_ratio": 1.0}, "prune_ratio"),
+        ({"step": 0}, "step"),
+        ({"max_batches": 0}, "max_batches"),
+        ({"world_size": 2, "process_index": 2}, r"^process_index must be in \[0, world_size=2\), got 2$"),
+        ({"world_size": 2, "process_index": -1}, r"process_index must be in \[0, world_size=2\), got -1"),
+        ({"activation_layer": "nope"}, r"^activation_layer 'nope' is not in KnownNet$"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FinePruner(KnownNet(), "features.0", **kwargs)
+
+
+def test_the_last_process_index_is_accepted() -> None:
+    assert FinePruner(KnownNet(), "features.0", world_size=2, process_index=1).process_index == 1
+
+
+def test_rectify_false_ranks_on_the_raw_output() -> None:
+    rectified = FinePruner(KnownNet(), "features.0")
+    rectified.rank(loader())
+    raw = FinePruner(KnownNet(), "features.0", rectify=False)
+    raw.rank(loader())
+    # channel 0's output is -1 everywhere: 0 after the ReLU, -1 before it; channel 2 is +-1 (mean 0 raw).
+    assert rectified.channel_activation == pytest.approx([0.0, 0.1, 0.5, 3.0])
+    assert raw.channel_activation == pytest.approx([-1.0, 0.1, 0.0, 3.0])
+    assert raw.pruning_order() == [0, 2, 1, 3]
+
+
+def test_the_activation_layer_ranks_and_is_named_in_its_errors() -> None:
+    pruner = FinePruner(KnownNet(), "features.0", activation_layer="features.1")
+    assert pruner.activation_layer == "features.1"
+    pruner.rank(loader())
+    assert pruner.channel_activation == pytest.approx([0.0, 0.1, 0.5, 3.0])  # the ReLU's output
+    assert pruner.split is not None  # the observed ReLU does not stop the cut
+
+
+def test_max_batches_caps_every_pass() -> None:
+    pruner = FinePruner(KnownNet(), "features.0", max_batches=1)
+    pruner.rank(loader(batch_size=16))
+    assert pruner._clean.total == 16  # one batch of four
+    # The first batch alternates +1/-1 as the whole set does: the same means from 16 samples.
+    assert pruner.channel_activation == pytest.approx([0.0, 0.1, 0.5, 3.0])
+    exactly = FinePruner(KnownNet(), "features.0", max_batches=4)
+    exactly.rank(loader(batch_size=16))
+    assert exactly._clean.total == 64  # the cap equal to the loader's length reads it all
+
+
+def test_each_process_reads_its_own_batches_unless_the_sampler_already_shards() -> None:
+    seen: list[int] = []
+
+    def transfer(batch, _idx: int):
+        seen.append(len(batch[1]))
+        return batch
+
+    data = known_data(64)
+    plain = DataLoader(data, batch_size=16)
+    second = FinePruner(KnownNet(), "features.0", world_size=2, process_index=1, transfer=transfer)
+    second.rank(plain)
+    assert second._clean.total == 32  # batches 1 and 3
+    seen.clear()
+    # A DistributedSampler has already split the data between processes: the loader is read whole.
+    sampler = DistributedSampler(data, num_replicas=2, rank=1, shuffle=False)
+    sharded = FinePruner(KnownNet(), "features.0", world_size=2, process_index=1, transfer=transfer)
+    sharded.rank(DataLoader(data, batch_size=8, sampler=sampler))
+    assert sharded._clean.total == 32 and len(seen) == 4
+
+
+def test_the_full_re_evaluation_path_gives_the_cached_curve_and_uses_each_loaders_index() -> None:
+    indices: list[int] = []
+
+    def transfer(batch, idx: int):
+        indices.append(idx)
+        return batch
+
+    # Half the triggered samples are of the target class already: ASR must leave them out on both paths.
+    true = torch.arange(32) % 2
+    triggered = TensorDataset(torch.full((32, 1, 2, 2), 2.0), torch.ones(32, dtype=torch.long), true)
+    cached = FinePruner(KnownNet(), "features.0", full_curve=True)
+    cached.rank(loader(), DataLoader(triggered, batch_size=16))
+    slow = FinePruner(KnownNet(), "features.0", full_curve=True, fast=False, step=1, transfer=transfer)
+    slow.rank(loader(), DataLoader(triggered, batch_size=16), clean_idx=2, triggered_idx=7)
+    assert slow.split is None and slow.measure_curve() == cached.measure_curve()
+    assert indices.count(2) == 4 * 4 and indices.count(7) == 2 * 4  # the rank pass + 3 masked points, per loader
+    assert not any(hasattr(m, "weight_mask") and not bool(m.weight_mask.all()) for m in slow.modules)  # reset
+
+
+def test_an_empty_triggered_set_gives_nan_asr_not_a_number_of_the_clean_set() -> None:
+    everyone_is_target = TensorDataset(torch.ones(16, 1, 2, 2), torch.ones(16).long(), torch.ones(16).long())
+    pruner = FinePruner(KnownNet(), "features.0", step=4)
+    pruner.rank(loader(), DataLoader(everyone_is_target, batch_size=16))  # every true label is the target
+    curve = pruner.measure_curve()
+    assert curve[0]["clean_acc"] == 1.0 and math.isnan(curve[0]["asr"])
+
+
+def test_errors_name_the_loader_and_the_layer() -> None:
+    no_targets = DataLoader(TensorDataset(torch.ones(8, 1, 2, 2)), batch_size=8)
+    with pytest.raises(ValueError, match=r"^the clean batches carry no targets: FinePruner counts argmax == target$"):
+        FinePruner(KnownNet(), "features.0").rank(no_targets)
+    with pytest.raises(ValueError, match=r"^the triggered batches carry no targets"):
+        FinePruner(KnownNet(), "features.0").rank(loader(), no_targets)
+    unreached = FinePruner(KnownNet(), "features.0", activation_layer="head")
+    with pytest.raises(ValueError, match=r"^the ranking statistic of head has 2 channels, the pruned layer 4$"):
+        unreached.rank(loader())
+
+
+def test_logits_of_the_wrong_shape_are_named_by_shape() -> None:
+    class Flat(KnownNet):
+        def forward(self, x):
+            return super().forward(x).flatten()
+
+    with pytest.raises(ValueError, match=r"returned shape \(32,\)\. Wrap the model"):
+        FinePruner(Flat(), "features.0", fast=False).rank(loader())
+
+
+def test_trigger_channel_ranks_default_to_the_top_ten() -> None:
+    pruner = FinePruner(KnownNet(), "features.0")
+    pruner.channel_activation = [float(i) for i in range(12)]
+    pruner.triggered_activation = [float(2 * i) for i in range(12)]
+    assert len(pruner.trigger_channel_ranks()) == 10
