@@ -4,15 +4,19 @@ re-evaluates the whole network at every step (``fast=False``)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from backdoor_lab.defenses import cut_evaluation
 from backdoor_lab.defenses.pruner import FinePruner
 
-from .test_pruning import KnownNet, known_data
+from .test_pruning import DataDependent, KnownNet, known_data
 
 
 def loader(n: int = 64, batch_size: int = 16) -> DataLoader:
@@ -163,3 +167,116 @@ def test_trigger_channel_ranks_default_to_the_top_ten() -> None:
     pruner.channel_activation = [float(i) for i in range(12)]
     pruner.triggered_activation = [float(2 * i) for i in range(12)]
     assert len(pruner.trigger_channel_ranks()) == 10
+
+
+# ----------------------------------------------------------------- the evaluation through the cut (cut_evaluation)
+class FlatNet(KnownNet):
+    """``KnownNet`` with the mean folded into a linear layer over the flattened map: a reader the running sums
+    can stand in for (same answers on 2x2 inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        flat = nn.Linear(16, 2)
+        with torch.no_grad():
+            flat.weight.copy_(self.head.weight.repeat_interleave(4, dim=1) / 4)
+            flat.bias.copy_(self.head.bias)
+        self.head = flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class SkipAddedInPlace(nn.Module):
+    """A skip that crosses the cut and that the tail adds into in place: the cached skip must not change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 4, 1)
+        self.conv = nn.Conv2d(4, 6, 1)
+        self.back = nn.Conv2d(6, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.stem(x))
+        skip.add_(self.back(torch.relu(self.conv(skip))))
+        return self.head(skip.mean(dim=(2, 3)))
+
+
+def _labelled(model: nn.Module, n: int = 48) -> DataLoader:
+    torch.manual_seed(1)
+    x = torch.randn(n, 1, 3, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::5] = (y[::5] + 1) % 3  # not every answer right, so that masks move the accuracy both ways
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def test_a_reader_that_runs_twice_turns_the_running_sums_off_and_says_so(caplog) -> None:
+    """``network_split`` refuses a traced reader called twice; a tail that still calls it twice (here, the split's
+    tail replaced) must not be taken for one reader's output: the sums are turned off, the logits kept."""
+    caplog.set_level(logging.INFO, logger="backdoor_lab.defenses.cut_evaluation")
+    net = FlatNet()
+    pruner = FinePruner(net, "features.0")
+    pruner.rank(loader())
+    assert pruner.incremental is True
+    caplog.clear()
+    pruner.split.tail = lambda cut: net.head(cut.flatten(1)) + 0.5 * net.head(torch.ones(len(cut), 16))
+    cut = torch.rand(4, 4, 2, 2)
+    logits, outputs = pruner._tail_and_readers((cut,))
+    assert outputs is None and pruner.incremental is False
+    assert torch.equal(logits, net.head(cut.flatten(1)) + 0.5 * net.head(torch.ones(4, 16)))
+    assert caplog.messages == ["FinePruner: a layer reading features.1 runs more than once; re-running it"]
+
+
+def test_running_sums_that_disagree_with_the_network_are_dropped_and_said_so(caplog, monkeypatch) -> None:
+    caplog.set_level(logging.INFO, logger="backdoor_lab.defenses.cut_evaluation")
+    sums = FinePruner(FlatNet(), "features.0")
+    sums.rank(loader())
+    assert sums.incremental is True and sums._cache.sums is not None  # with the real tolerance
+    caplog.clear()
+
+    class OffByOne(cut_evaluation.RunningSums):  # running sums that are wrong by one
+        def logits(self, rest):
+            return super().logits(rest) + 1.0
+
+    monkeypatch.setattr(cut_evaluation, "RunningSums", OffByOne)
+    pruner = FinePruner(FlatNet(), "features.0", full_curve=True)
+    pruner.rank(loader())
+    assert pruner.split is not None and pruner.incremental is False and pruner._cache.sums is None
+    assert caplog.messages == ["FinePruner: running sums disagree with the network; re-running features.1"]
+    assert [p["clean_acc"] for p in pruner.measure_curve()] == [1.0, 1.0, 1.0, 0.5]
+
+
+def test_the_fallback_warning_points_at_the_caller_of_rank() -> None:
+    pruner = FinePruner(DataDependent(), "features.0")
+    with pytest.warns(RuntimeWarning, match="re-evaluates the whole network") as caught:
+        pruner.rank(loader())
+    assert len(caught) == 1 and caught[0].filename == __file__
+
+
+def test_a_skip_added_into_in_place_after_the_cut_keeps_the_cached_curve_exact() -> None:
+    model = SkipAddedInPlace()
+    data = _labelled(model)
+    fast = FinePruner(model, "conv", full_curve=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        fast.rank(data)
+    assert fast.split is not None
+    slow = FinePruner(SkipAddedInPlace(), "conv", full_curve=True, fast=False, step=1)
+    slow.rank(data)
+    assert fast.measure_curve() == slow.measure_curve()
+
+
+def test_what_may_stand_in_for_the_readers() -> None:
+    pruner = FinePruner(FlatNet(), "features.0")
+    pruner.rank(loader())
+    cut = torch.ones(4, 4, 2, 2)
+    assert pruner._exact_enough((cut,)) and pruner._exact_enough((cut, torch.zeros(4)))  # 1-D per-sample values
+    assert pruner._exact_enough((cut.double(),))
+    assert not pruner._exact_enough((cut, torch.zeros(3)))  # another batch size
+    assert not pruner._exact_enough((cut, 3))  # not a tensor
+    assert not pruner._exact_enough((cut, torch.tensor(1.0)))  # a scalar
+    assert not pruner._exact_enough((cut.bfloat16(),))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not pruner._exact_enough((cut,))

@@ -13,10 +13,12 @@ it differs, or cannot be made, the curve falls back to full re-evaluation with o
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,9 @@ from backdoor_lab.defenses.network_split import NetworkSplit
 from backdoor_lab.defenses.pruning import kept_channels, set_channel_mask
 
 log = logging.getLogger(__name__)
+
+# Frames in these folders are not where a warning belongs (see ``caller_stacklevel``).
+_INSIDE = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
 
 # The cut is checked against the whole network on this many samples of the first clean batch (three forwards).
 CHECK_SAMPLES = 16
@@ -50,6 +55,15 @@ class LoaderPass:
     @property
     def total(self) -> float:
         return sum(b.total for b in self.batches)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised here at the first frame outside this package and torch's
+    decorators (``rank`` runs under ``torch.no_grad()``): the user's call, whatever depth inside it warns."""
+    frame, level = sys._getframe(1), 1  # level 1: the frame that calls ``warnings.warn``
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class CutEvaluation:
@@ -114,7 +128,7 @@ class CutEvaluation:
         warnings.warn(
             f"FinePruner: the prune curve re-evaluates the whole network at every step ({reason})",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
         self.split = None
 
