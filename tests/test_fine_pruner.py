@@ -280,3 +280,62 @@ def test_what_may_stand_in_for_the_readers() -> None:
     assert not pruner._exact_enough((cut.bfloat16(),))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not pruner._exact_enough((cut,))
+
+
+# ----------------------------------------------------------------- the curve's per-sample state (curve_cache)
+class SparseNet(nn.Module):
+    """1x1 conv whose channels fire on nested, shrinking sets of inputs (thresholds 2/3 .. 7/3): pruned two at a
+    time, the least active of a pair touches fewer samples than the pair does. ``pooled``: a mean before the head,
+    so no running sums (the tail re-runs); else a linear layer over the flattened map (running sums)."""
+
+    def __init__(self, pooled: bool) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.pooled = pooled
+        self.conv = nn.Conv2d(1, 6, 1)
+        self.head = nn.Linear(6 if pooled else 24, 3)
+        with torch.no_grad():
+            self.conv.weight.fill_(3.0)
+            self.conv.bias.copy_(-torch.arange(2.0, 8.0))
+            self.head.weight.mul_(10.0)  # a channel's share decides answers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = torch.relu(self.conv(x))
+        return self.head(maps.mean(dim=(2, 3)) if self.pooled else maps.flatten(1))
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_pruning_two_channels_at_a_time_updates_every_sample_either_channel_touches(pooled: bool) -> None:
+    model = SparseNet(pooled)
+    torch.manual_seed(3)
+    x = torch.randn(96, 1, 2, 2)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = DataLoader(TensorDataset(x, y), batch_size=4)  # small batches: a batch re-runs only if it moved
+    cached = FinePruner(model, "conv", step=2, full_curve=True)
+    cached.rank(data)
+    assert cached.incremental is not pooled
+    slow = FinePruner(SparseNet(pooled), "conv", step=2, full_curve=True, fast=False)
+    slow.rank(data)
+    curve = cached.measure_curve()
+    assert curve == slow.measure_curve()
+    assert [p["pruned"] for p in curve] == [0, 2, 4, 5] and len({p["clean_acc"] for p in curve}) > 2
+
+
+def test_near_ties_with_two_classes_one_class_and_exact_ties() -> None:
+    from backdoor_lab.defenses.curve_cache import NEAR_TIE, near_ties
+
+    two = torch.tensor([[3.0, 3.0 - 0.5 * NEAR_TIE * 3.0], [3.0, 1.0]], dtype=torch.float64)
+    assert near_ties(two).tolist() == [True, False]
+    single = near_ties(torch.ones(3, 1))
+    assert single.dtype == torch.bool and single.shape == (3,) and not single.any()
+    assert near_ties(torch.zeros(2, 4)).tolist() == [True, True]  # all-zero logits: an exact tie, tolerance 0
+
+
+def test_running_sums_answer_in_the_networks_own_dtype() -> None:
+    net = FlatNet().double()
+    data = known_data()
+    pruner = FinePruner(net, "features.0")
+    pruner.rank(DataLoader(TensorDataset(data.tensors[0].double(), data.tensors[1]), batch_size=16))
+    assert pruner.incremental is True
+    assert pruner._cache.sums.logits(pruner.split.rest).dtype == torch.float64
