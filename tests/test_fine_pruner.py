@@ -320,6 +320,14 @@ def test_pruning_two_channels_at_a_time_updates_every_sample_either_channel_touc
     curve = cached.measure_curve()
     assert curve == slow.measure_curve()
     assert [p["pruned"] for p in curve] == [0, 2, 4, 5] and len({p["clean_acc"] for p in curve}) > 2
+    if pooled:  # no sums: a batch re-runs its tail when a newly pruned channel fires on one of its samples
+        with torch.no_grad():
+            fires = torch.relu(model.conv(x)).flatten(2).ne(0).any(dim=2)  # (samples, channels)
+        order, runs = cached.pruning_order(), 0
+        for start, end in ((0, 2), (2, 4), (4, 5)):
+            moved = fires[:, order[start:end]].any(dim=1)
+            runs += int(moved.view(-1, 4).any(dim=1).sum())
+        assert cached.exact_tail_runs == runs > 0
 
 
 def test_near_ties_with_two_classes_one_class_and_exact_ties() -> None:
