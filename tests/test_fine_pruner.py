@@ -347,3 +347,43 @@ def test_running_sums_answer_in_the_networks_own_dtype() -> None:
     pruner.rank(DataLoader(TensorDataset(data.tensors[0].double(), data.tensors[1]), batch_size=16))
     assert pruner.incremental is True
     assert pruner._cache.sums.logits(pruner.split.rest).dtype == torch.float64
+
+
+class StridedReader(nn.Module):
+    """The conv reading the cut has a stride, padding and dilation: its per-channel term must use all three."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.reader = nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2)
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.reader(torch.relu(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("make", [StridedReader, lambda: SparseNet(pooled=False)], ids=["conv", "linear"])
+@pytest.mark.parametrize("matrix_limit", [None, 0], ids=["maps", "too-large-for-maps"])
+def test_running_sums_equal_full_re_evaluation_with_and_without_per_channel_maps(
+    make, matrix_limit, monkeypatch
+) -> None:
+    """Readers too large for per-channel maps subtract a channel's term with the layer's own conv or matmul."""
+    from backdoor_lab.defenses import network_split
+
+    if matrix_limit is not None:
+        monkeypatch.setattr(network_split, "MATRIX_LIMIT", matrix_limit)
+    model = make()
+    torch.manual_seed(5)
+    x = torch.randn(64, 1, 5, 5) if isinstance(model, StridedReader) else torch.randn(64, 1, 2, 2)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = DataLoader(TensorDataset(x, y), batch_size=4)
+    cached = FinePruner(model, "conv", full_curve=True)
+    cached.rank(data)
+    assert cached.incremental is True
+    assert (cached._cache.sums.readers[0]._maps == {}) is (matrix_limit == 0)
+    slow = FinePruner(make(), "conv", full_curve=True, fast=False, step=1)
+    slow.rank(data)
+    curve = cached.measure_curve()
+    assert curve == slow.measure_curve() and len({p["clean_acc"] for p in curve}) > 2
