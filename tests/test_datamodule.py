@@ -160,6 +160,9 @@ def test_a_raw_split_keeps_its_fields_aligned() -> None:
     part = s.subset(np.array([4, 1]))
     assert part.labels.tolist() == [1, 1] and part.sample_ids.tolist() == [4, 1] and part.groups.tolist() == [4, 1]
     assert part.regions[0].tolist() == [16, 17, 18, 19] and len(part) == 2
+    assert part.inputs[:, 1, 1, 0].tolist() == [1, 1] and part.inputs is not s.inputs
+    bare = split(3, 0, 1).subset(np.array([2]))
+    assert bare.regions is None and bare.groups is None and bare.sample_ids.tolist() == [2]
     with pytest.raises(ValueError, match=r"^RawSplit.labels has 2 rows but inputs has 3$"):
         RawSplit(np.zeros((3, 1)), np.zeros(2), np.arange(3))
     with pytest.raises(ValueError, match=r"^RawSplit.groups has 1 rows but inputs has 3$"):
