@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from backdoor_lab.defenses import cut_evaluation
@@ -387,3 +388,48 @@ def test_running_sums_equal_full_re_evaluation_with_and_without_per_channel_maps
     slow.rank(data)
     curve = cached.measure_curve()
     assert curve == slow.measure_curve() and len({p["clean_acc"] for p in curve}) > 2
+
+
+class FunctionalPool(nn.Module):
+    """``F.max_pool2d(F.relu(conv(x)))``: the split pools before the ReLU (they commute), so the cut is smaller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+
+
+def test_a_functional_max_pool_after_the_relu_is_moved_before_it() -> None:
+    model = FunctionalPool()
+    torch.manual_seed(6)
+    x = torch.randn(32, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    cached = FinePruner(model, "conv", full_curve=True)
+    cached.rank(data)
+    calls = [n.target for n in cached.split.head.graph.nodes if n.op == "call_function"]
+    assert calls == [F.max_pool2d, F.relu]
+    slow = FinePruner(FunctionalPool(), "conv", full_curve=True, fast=False, step=1)
+    slow.rank(data)
+    assert cached.measure_curve() == slow.measure_curve()
+
+
+@pytest.mark.parametrize(("make", "size"), [(StridedReader, 6 * 25 * 36), (lambda: SparseNet(pooled=False), 3 * 24)])
+def test_per_channel_maps_are_built_up_to_the_limit_exactly(make, size: int, monkeypatch) -> None:
+    """Conv reader: in_channels x input positions x one channel's output size (4 x 3 x 3); linear: its weight."""
+    from backdoor_lab.defenses import network_split
+
+    x = torch.randn(8, 1, 5, 5) if make is StridedReader else torch.randn(8, 1, 2, 2)
+    for limit, built in ((size, True), (size - 1, False)):
+        monkeypatch.setattr(network_split, "MATRIX_LIMIT", limit)
+        model = make()
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        pruner = FinePruner(model, "conv")
+        pruner.rank(DataLoader(TensorDataset(x, y), batch_size=8))
+        assert bool(pruner._cache.sums.readers[0]._maps) is built
