@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -161,3 +162,109 @@ def test_several_val_loaders_need_an_index_and_the_index_picks_one(tmp_path) -> 
 def test_no_clean_data_is_the_callbacks_own_error(tmp_path) -> None:
     with pytest.raises(MisconfigurationException, match="FinePruningCallback needs clean validation data"):
         _trainer(tmp_path, [FinePruningCallback()]).fit(NoVal())
+
+
+class RecordingLogger(Logger):
+    """Keeps what the callback logs: metric dicts with their steps, and tables (as W&B's logger takes them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[dict, int | None]] = []
+        self.tables: list[tuple[str, list[str], list[list]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.metrics.append((dict(metrics), step))
+
+    def log_table(self, key: str, columns: list[str], data: list[list]) -> None:
+        self.tables.append((key, columns, data))
+
+
+def logged_trainer(tmp_path, callback: FinePruningCallback, logger: Logger) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=0,
+        callbacks=[callback],
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+
+
+def test_the_pruning_result_is_logged_to_every_logger_with_the_whole_curve(tmp_path) -> None:
+    triggered = DataLoader(TensorDataset(torch.full((16, 1, 2, 2), 2.0), torch.ones(16).long(), torch.zeros(16).long()))
+    cb = FinePruningCallback(layer="net.features.0", triggered_dataloader=triggered, progress=False)
+    logger = RecordingLogger()
+    logged_trainer(tmp_path, cb, logger).fit(PlainModule())
+    assert cb.pruned_channels == [0, 1] and cb.pruned_fraction == 0.5
+    pruned = [m for m, _ in logger.metrics if "prune/pruned_fraction" in m]
+    assert pruned == [
+        {
+            "prune/pruned_fraction": 0.5,
+            "prune/val_clean_acc_before": 1.0,
+            "prune/val_clean_acc_after": 1.0,
+            "prune/val_asr_before": 1.0,
+            "prune/val_asr_after": 1.0,
+        }
+    ]
+    assert logger.tables == [
+        (
+            "prune_curve",
+            ["pruned", "fraction", "clean_acc", "asr"],
+            [[p["pruned"], p["fraction"], p["clean_acc"], p["asr"]] for p in cb.prune_curve],
+        )
+    ]
+    assert [p["pruned"] for p in cb.prune_curve] == [0, 1, 2, 3]
+    # Without triggered data there is no ASR to log.
+    quiet = FinePruningCallback(layer="net.features.0", triggered_dataloader=None, progress=False)
+    logger = RecordingLogger()
+    logged_trainer(tmp_path, quiet, logger).fit(PlainModule())
+    logged = [m for m, _ in logger.metrics if "prune/pruned_fraction" in m]
+    assert logged == [
+        {"prune/pruned_fraction": 0.5, "prune/val_clean_acc_before": 1.0, "prune/val_clean_acc_after": 1.0}
+    ]
+
+
+def test_the_callbacks_settings_key_its_state_and_only_a_fit_resolves_its_layer(tmp_path) -> None:
+    cb = FinePruningCallback(layer="net.features.0", prune_ratio=0.5)
+    assert cb.state_key == "FinePruningCallback{'layer': 'net.features.0', 'prune_ratio': 0.5}"
+    assert cb.pruned_fraction == 0.0 and cb.pruned is False and cb.pruned_channels == [] and cb.prune_curve == []
+    assert cb.progress is True and cb.fast_curve is True and cb.rectify is True and cb.full_curve is False
+    wrong = FinePruningCallback(layer="nope")
+    wrong.setup(None, PlainModule(), "validate")  # validate, test and predict never resolve the layer
+    assert wrong.layer_name is None
+    with pytest.raises(ValueError, match="layer 'nope' is not in PlainModule"):
+        _trainer(tmp_path, [wrong]).fit(PlainModule())
+    bad_rank = FinePruningCallback(layer="net.features.0", activation_layer="net.nope")
+    with pytest.raises(MisconfigurationException, match=r"^activation_layer 'net.nope' is not in the model$"):
+        _trainer(tmp_path, [bad_rank]).fit(PlainModule())
+
+
+def test_a_spawned_fits_state_without_its_trainer_warns_and_leaves_the_model_unmasked() -> None:
+    cb = FinePruningCallback(layer="net.features.0")
+    state = {
+        **cb.state_dict(),
+        "layer_name": "net.features.0",
+        "num_channels": 4,
+        "pruned_channels": [0],
+        "pruned": True,
+    }
+    with pytest.warns(RuntimeWarning, match=r"call callback.apply_mask\(model\) before training it further"):
+        cb._take_over(state)
+    assert cb.pruned_channels == [0] and cb.pruned_fraction == 0.25
+    module = PlainModule()
+    cb.apply_mask(module)
+    assert module.net.features[0].weight_mask.flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
+    cb.remove_reparametrization(module)
+    assert not hasattr(module.net.features[0], "weight_mask") and module.net.features[0].weight[0].abs().sum() == 0
