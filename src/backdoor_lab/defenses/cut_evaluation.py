@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from backdoor_lab.defenses.pruning import kept_channels, set_channel_mask
 
 log = logging.getLogger(__name__)
 
-# Frames in these folders are not where a warning belongs (see ``caller_stacklevel``).
+# Frames in these folders are not where a warning belongs (see ``outside_stacklevel``).
 _INSIDE = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
 
 # The cut is checked against the whole network on this many samples of the first clean batch (three forwards).
@@ -57,10 +58,11 @@ class LoaderPass:
         return sum(b.total for b in self.batches)
 
 
-def caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning raised here at the first frame outside this package and torch's
-    decorators (``rank`` runs under ``torch.no_grad()``): the user's call, whatever depth inside it warns."""
-    frame, level = sys._getframe(1), 1  # level 1: the frame that calls ``warnings.warn``
+def outside_stacklevel(frame: FrameType) -> int:
+    """The ``stacklevel`` that points a warning raised from ``frame`` at the first frame outside this package and
+    torch's decorators (``rank`` runs under ``torch.no_grad()``): the user's call, whatever depth inside it warns.
+    """
+    level = 1  # ``frame`` itself, the one that calls ``warnings.warn``
     while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
         frame, level = frame.f_back, level + 1
     return level
@@ -128,7 +130,7 @@ class CutEvaluation:
         warnings.warn(
             f"FinePruner: the prune curve re-evaluates the whole network at every step ({reason})",
             RuntimeWarning,
-            stacklevel=caller_stacklevel(),
+            stacklevel=outside_stacklevel(sys._getframe()),
         )
         self.split = None
 
