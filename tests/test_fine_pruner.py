@@ -437,3 +437,51 @@ def test_per_channel_maps_are_built_up_to_the_limit_exactly(make, size: int, mon
         pruner = FinePruner(model, "conv")
         pruner.rank(DataLoader(TensorDataset(x, y), batch_size=8))
         assert bool(pruner._cache.sums.readers[0]._maps) is built
+
+
+class SummedAfterRelu(nn.Module):
+    """``torch.sum(F.relu(conv(x)))`` over space: a function after the ReLU that is not a max pool must stay after
+    it (a sum does not commute with the ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = nn.Conv2d(1, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sum(F.relu(self.conv(x)), dim=(2, 3)))
+
+
+def test_only_a_max_pool_is_moved_before_the_relu() -> None:
+    model = SummedAfterRelu()
+    x = torch.randn(32, 1, 3, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    pruner = FinePruner(model, "conv", full_curve=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the split is right: no fallback
+        pruner.rank(DataLoader(TensorDataset(x, y), batch_size=8))
+    calls = [n.target for n in pruner.split.head.graph.nodes if n.op == "call_function"]
+    assert calls == [F.relu]
+
+
+def test_an_activation_layer_the_forward_never_reaches_is_named() -> None:
+    class Unused(KnownNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = nn.ReLU()
+
+    with pytest.raises(ValueError, match=r"^activation_layer 'spare' is not reached by Unused.forward$"):
+        FinePruner(Unused(), "features.0", activation_layer="spare", fast=False).rank(loader())
+
+
+def test_the_full_re_evaluation_leaves_the_target_class_out_of_the_asr() -> None:
+    # The first half flips to the target (class 1); the second half does not, but its true class is the target,
+    # so it is not counted: ASR 1.0 (0.5 if it were counted).
+    x = torch.cat([torch.full((16, 1, 2, 2), 2.0), torch.full((16, 1, 2, 2), -1.0)])
+    true = torch.cat([torch.zeros(16), torch.ones(16)]).long()
+    triggered = DataLoader(TensorDataset(x, torch.ones(32).long(), true), batch_size=8)
+    slow = FinePruner(KnownNet(), "features.0", fast=False, step=1, full_curve=True)
+    slow.rank(loader(), triggered)
+    assert [p["asr"] for p in slow.measure_curve()] == [1.0, 1.0, 1.0, 0.0]
