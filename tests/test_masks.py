@@ -97,3 +97,16 @@ def test_make_permanent_folds_the_masks_and_removes_the_hook() -> None:
     assert sorted(layer.state_dict()) == ["bias", "weight"]
     with pytest.raises(RuntimeError):  # no pre-hook maps plain weights any more: a masked dict does not load
         layer.load_state_dict({"weight_orig": torch.ones(3, 1, 1, 1), "weight_mask": torch.ones(3, 1, 1, 1)})
+
+
+def test_partial_plain_states_fill_only_what_they_hold() -> None:
+    layer = conv()
+    set_channel_mask([layer], torch.tensor([True, False, True]))
+    layer.load_state_dict({"bias": torch.full((3,), 7.0)}, strict=False)  # the bias alone
+    assert layer.bias_orig.tolist() == [7.0, 7.0, 7.0] and layer.weight_orig.flatten().tolist() == [1.0, 2.0, 3.0]
+    layer.load_state_dict({"weight": torch.full((3, 1, 1, 1), 8.0)}, strict=False)  # the weight alone
+    assert layer.weight_orig.flatten().tolist() == [8.0, 8.0, 8.0] and layer.bias_orig.tolist() == [7.0, 7.0, 7.0]
+    no_bias = conv(bias=False)
+    set_channel_mask([no_bias], torch.tensor([False, True, True]))
+    no_bias.load_state_dict({"weight": torch.full((3, 1, 1, 1), 4.0)})  # a masked conv without a bias
+    assert no_bias.weight_orig.flatten().tolist() == [4.0, 4.0, 4.0]

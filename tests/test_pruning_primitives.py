@@ -72,6 +72,8 @@ def test_only_a_batchnorm_right_after_the_conv_and_as_wide_is_masked_with_it() -
     assert [name for name, _ in masked_modules(model, "conv_c")] == ["conv_c"]
     last = nn.Sequential(nn.Conv2d(1, 2, 1))
     assert following_batchnorm(last, "0") is None  # nothing after it
+    wrapped = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sequential(nn.BatchNorm2d(2)))  # the norm inside a container
+    assert following_batchnorm(wrapped, "0") == ("1.0", wrapped[1][0])
 
 
 def test_kept_channels_and_random_masks_are_exact_and_seeded() -> None:
@@ -98,6 +100,7 @@ def test_channel_activation_sums_per_channel_counts_positions_and_unhooks() -> N
     conv(x)
     assert rectified.sum.tolist() == [8.0, 4.0] and raw.sum.tolist() == [4.0, -4.0]
     assert rectified.sum.dtype == torch.float64 and rectified.count == raw.count == 8  # positions x batches
+    assert isinstance(rectified.count, int)
     rectified.close()
     raw.close()
     conv(x)
