@@ -9,6 +9,8 @@ trigger sets channel 1 high and relabels to class 1.
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import pytest
 import torch
@@ -220,3 +222,54 @@ def test_the_edges_of_the_settings_are_accepted() -> None:
     assert (attack.prune_fraction, attack.clean_epochs, attack.decoy_bias) == (0.01, 1, -1e-9)
     assert PruningAwareAttack(prune_fraction=0.99).prune_fraction == 0.99
     assert PruningAwareAttack() == PruningAwareAttack(0.8, 10, -1.0e20, None, None)
+
+
+def test_each_stage_is_logged_with_its_metrics(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="backdoor_lab.attacks.pruning_aware")
+    run_attack(PruningAwareAttack(prune_fraction=0.375, clean_epochs=1), Classifier(GatedNet()), RecordingData())
+    assert [r.getMessage() for r in caplog.records if r.name == "backdoor_lab.attacks.pruning_aware"] == [
+        "Pruning-aware attack, stage 1 (clean training): {'stage': 1.0}",
+        "Stage 2: pruned 3/8 dormant channels: {'stage': 2.0}",
+        "Stage 3 (poisoned training of the pruned network): {'stage': 3.0}",
+        "Stage 4 (decoys re-instated, bias -1e+20): {'stage': 4.0}",
+    ]
+
+
+class TwoConvs(GatedNet):
+    """A second conv after the gate (identity weights): the defended ``net.conv`` is not the last conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.last.weight.copy_(torch.eye(8).view(8, 8, 1, 1))
+            self.last.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.last(self.relu(self.gate(self.bn(self.conv(x))))).mean(dim=(2, 3)))
+
+
+class Bare(L.LightningModule):
+    """A classifier that names neither a prune layer nor a rank layer: the attack's own settings, or the last conv."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    forward = Classifier.forward
+    training_step = Classifier.training_step
+    configure_optimizers = Classifier.configure_optimizers
+
+
+def test_the_defended_layer_is_the_attacks_then_the_models_then_the_last_conv() -> None:
+    record, _, _ = run_attack(
+        PruningAwareAttack(prune_fraction=0.375, clean_epochs=1), Classifier(TwoConvs()), RecordingData()
+    )
+    assert record["layer"] == "net.conv" and record["decoy_channels"] == DORMANT  # the model's prune_layer
+    attack = PruningAwareAttack(prune_fraction=0.375, clean_epochs=1, layer="net.last")
+    record, _, _ = run_attack(attack, Classifier(TwoConvs()), RecordingData())
+    assert record["layer"] == "net.last"  # the attack's own layer wins
+    record, _, _ = run_attack(
+        PruningAwareAttack(prune_fraction=0.375, clean_epochs=1), Bare(TwoConvs()), RecordingData()
+    )
+    assert record["layer"] == "net.last"  # neither names one: the last conv
