@@ -28,6 +28,7 @@ def split(n: int, first_id: int, value: int) -> RawSplit:
     labels = np.arange(n) % 3
     inputs = np.full((n, 2, 2, 1), value, dtype=np.uint8)
     inputs[:, 1, 1, 0] = labels  # each sample's label is readable from its pixels
+    inputs[:, 0, 1, 0] = np.arange(n) % 251  # and its position in the split
     return RawSplit(inputs, labels.astype(np.int64), np.arange(first_id, first_id + n, dtype=np.int64))
 
 
@@ -57,9 +58,32 @@ class Tiny:
         return torch.from_numpy(inputs).permute(0, 3, 1, 2).float()
 
 
-def module(source: Tiny | None = None, **kwargs) -> BackdoorDataModule:
-    attack = Attack("corner", Corner(), AllToOne("c"), poison_rate=0.5)
+def module(source: Tiny | None = None, mode: str = "add", **kwargs) -> BackdoorDataModule:
+    attack = Attack("corner", Corner(), AllToOne("c"), poison_rate=0.5, poison_mode=mode)
     return BackdoorDataModule(source or Tiny(), attack, name="tiny-data", **kwargs)
+
+
+def test_the_defaults_are_the_documented_ones() -> None:
+    dm = BackdoorDataModule(Tiny(), Attack("corner", Corner(), AllToOne("c"), poison_rate=0.5))
+    assert (dm.name, dm.fit_on, dm.batch_size, dm.eval_batch_size) == ("data", "poisoned", 128, 512)
+    assert (dm.num_workers, dm.seed, dm.summary, dm.datasets) == (0, 0, {}, {})
+    assert module(batch_size=1, eval_batch_size=1).batch_size == 1  # the smallest batch is allowed
+
+
+def test_the_seed_chooses_the_poisoned_samples_and_replace_mode_swaps_them() -> None:
+    def copied(seed: int, mode: str = "add") -> list[int]:
+        dm = module(seed=seed, mode=mode)
+        dm.setup()
+        x = dm.dataset("poisoned").tensors[0]
+        return x[:, 0, 0, 1][x[:, 0, 0, 0] == 255].long().tolist()  # positions of the triggered samples
+
+    assert copied(3) == copied(3) and copied(3) != copied(4) and copied(0) == copied(0)
+    assert sorted(copied(3)) == sorted(copied(3, mode="replace"))  # the same choice, swapped in place
+    dm = module(seed=3, mode="replace")
+    dm.setup()
+    assert (
+        dm.summary["train_poisoned"] == 10 and dm.summary["fit_samples"] == 30 and dm.summary["poisoned_share"] == 1 / 3
+    )
 
 
 def test_the_roles_and_the_summary_are_counted_exactly() -> None:
@@ -110,6 +134,10 @@ def test_the_train_loader_follows_fit_on_and_shuffles_with_the_training_batch_si
     with pytest.raises(ValueError, match=r"^fit_on must be one of \('poisoned', 'clean', 'defender_clean'\)"):
         dm.train_dataloader()
     assert module(pin_memory=True).pin_memory is True
+    workers = module(pin_memory=True, num_workers=2)
+    workers.setup()
+    loader = workers.train_dataloader()
+    assert loader.num_workers == 2 and loader.pin_memory is True  # handed to every loader (never iterated here)
     assert module().pin_memory is torch.cuda.is_available()
 
 
