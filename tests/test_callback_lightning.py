@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import pickle
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from backdoor_lab import FinePruningCallback
+from backdoor_lab.defenses.callback import _trainer_holding
+from backdoor_lab.defenses.pruner import FinePruner
 from tests.test_pruning import PlainModule, known_data
 from tests.trainers import quiet_trainer
 
@@ -268,3 +275,172 @@ def test_a_spawned_fits_state_without_its_trainer_warns_and_leaves_the_model_unm
     assert module.net.features[0].weight_mask.flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
     cb.remove_reparametrization(module)
     assert not hasattr(module.net.features[0], "weight_mask") and module.net.features[0].weight[0].abs().sum() == 0
+
+
+def first_batch_all_positive() -> DataLoader:
+    """``known_data`` whose first batch of 16 is all class 1: a one-batch ranking differs from the whole set's."""
+    data = known_data()
+    data.tensors[0][:16] = 1.0
+    data.tensors[1][:16] = 1
+    return DataLoader(data, batch_size=16)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"step": 2, "full_curve": True},
+        {"max_batches": 1},
+        {"rectify": False, "full_curve": True},
+        {"max_accuracy_drop": 0.6, "full_curve": False},
+        {"prune_ratio": 0.75, "step": 3},
+        {"fast_curve": False},
+    ],
+    ids=["step", "max_batches", "rectify", "drop", "ratio", "slow"],
+)
+def test_the_callbacks_settings_reach_the_pruner(tmp_path, settings: dict) -> None:
+    """The callback's curve, ranking and mask equal a plain ``FinePruner``'s with the same settings."""
+    cb = FinePruningCallback(layer="net.features.0", clean_dataloader=first_batch_all_positive(), **settings)
+    _trainer(tmp_path, cb).fit(PlainModule())
+    direct = {("fast" if k == "fast_curve" else k): v for k, v in settings.items()}
+    pruner = FinePruner(PlainModule(), "net.features.0", **direct)
+    assert cb.pruned_channels == pruner.run(first_batch_all_positive())
+    assert cb.prune_curve == pruner.prune_curve and cb.channel_activation == pruner.channel_activation
+    assert cb.step == settings.get("step") and cb.max_batches == settings.get("max_batches")
+
+
+def test_the_batch_hooks_get_each_loaders_own_index(tmp_path) -> None:
+    seen: list[int] = []
+
+    class Recording(PlainModule):
+        def val_dataloader(self):
+            return [DataLoader(known_data(8), batch_size=8), DataLoader(known_data(), batch_size=16)]
+
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            return None
+
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            seen.append(dataloader_idx)
+            return batch
+
+    triggered = DataLoader(TensorDataset(torch.full((8, 1, 2, 2), 2.0), torch.ones(8).long(), torch.zeros(8).long()))
+    cb = FinePruningCallback(layer="net.features.0", clean_dataloader_idx=1, triggered_dataloader=triggered)
+    _trainer(tmp_path, cb, num_sanity_val_steps=0, limit_val_batches=0).fit(Recording())
+    assert seen[:5] == [1, 1, 1, 1, 0]  # the rank pass: four clean batches (val loader 1), then the triggered one
+
+
+def test_a_fixed_ratio_logs_the_before_and_after_points_and_the_message(tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="backdoor_lab.defenses.callback")
+    triggered = DataLoader(TensorDataset(torch.full((16, 1, 2, 2), 2.0), torch.ones(16).long(), torch.zeros(16).long()))
+    cb = FinePruningCallback(layer="net.features.0", prune_ratio=0.75, step=3, triggered_dataloader=triggered)
+    logger = RecordingLogger()
+    logged_trainer(tmp_path, cb, logger).fit(PlainModule())
+    assert [p["pruned"] for p in cb.prune_curve] == [0, 3]
+    logged = [(m, step) for m, step in logger.metrics if "prune/pruned_fraction" in m]
+    assert logged == [
+        (
+            {
+                "prune/pruned_fraction": 0.75,
+                "prune/val_clean_acc_before": 1.0,
+                "prune/val_clean_acc_after": 0.5,
+                "prune/val_asr_before": 1.0,
+                "prune/val_asr_after": 0.0,
+            },
+            0,
+        )
+    ]
+    ours = [r.getMessage() for r in caplog.records if r.name == "backdoor_lab.defenses.callback"]
+    assert ours == ["FinePruning: pruned 3/4 channels of net.features.0 (75.0%)"]
+
+
+def test_the_state_round_trips_and_a_resumed_fit_says_so(tmp_path, caplog) -> None:
+    cb = FinePruningCallback(layer="net.features.0", progress=False)
+    assert cb.channel_activation == [] and cb.triggered_activation == [] and cb.num_channels == 0
+    _trainer(tmp_path, cb).fit(PlainModule())
+    state = cb.state_dict()
+    assert sorted(state) == sorted(
+        [
+            "layer_name",
+            "num_channels",
+            "channel_activation",
+            "triggered_activation",
+            "pruned_channels",
+            "prune_curve",
+            "pruned",
+        ]
+    )
+    again = FinePruningCallback(layer="net.features.0", progress=False)
+    again.load_state_dict(state)
+    assert (again.layer_name, again.num_channels, again.pruned_channels) == ("net.features.0", 4, [0, 1])
+    assert again.channel_activation == cb.channel_activation and again.prune_curve == cb.prune_curve
+    caplog.set_level(logging.INFO, logger="backdoor_lab.defenses.callback")
+    _trainer(tmp_path, again).fit(PlainModule())
+    ours = [r.getMessage() for r in caplog.records if r.name == "backdoor_lab.defenses.callback"]
+    assert ours == ["FinePruning: resumed with 2 channels of net.features.0 pruned"]
+    with pytest.raises(MisconfigurationException, match="max_batches"):
+        FinePruningCallback(max_batches=0)
+
+
+def test_a_checkpoint_folds_this_callbacks_masks_only_once_it_has_pruned() -> None:
+    module = PlainModule()
+    cb = FinePruningCallback(layer="net.features.0")
+    other = {"other.weight_orig": torch.ones(2), "other.weight_mask": torch.tensor([1.0, 0.0])}
+    untouched = {"state_dict": {**module.state_dict(), **other}}
+    cb.on_save_checkpoint(None, module, untouched)  # nothing pruned yet: the checkpoint is left as it is
+    assert sorted(untouched["state_dict"]) == sorted({**module.state_dict(), **other})
+    cb.layer_name, cb.pruned_channels, cb.pruned = "net.features.0", [0], True
+    cb.apply_mask(module)
+    checkpoint = {"state_dict": {**module.state_dict(), **other}}
+    cb.on_save_checkpoint(None, module, checkpoint)
+    state = checkpoint["state_dict"]
+    assert "net.net.features.0.weight_orig" not in state and state["net.features.0.weight"][0].abs().sum() == 0
+    assert "other.weight_orig" in state and "other.weight_mask" in state  # another module's pair is not this one's
+
+
+def test_the_parent_trainer_is_found_on_the_calling_frames() -> None:
+    cb = FinePruningCallback(layer="net.features.0")
+    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    holding, stranger = L.Trainer(callbacks=[cb], **quiet), L.Trainer(**quiet)
+
+    def inside_fit(trainer: L.Trainer) -> L.Trainer | None:  # a frame whose ``trainer`` may hold the callback
+        return _trainer_holding(cb)
+
+    assert inside_fit(holding) is holding
+    assert inside_fit(stranger) is None
+
+    class Probing(L.Trainer):  # a frame whose ``self`` is the Trainer
+        def probe(self) -> L.Trainer | None:
+            return _trainer_holding(cb)
+
+    probing = Probing(callbacks=[cb], **quiet)
+    assert probing.probe() is probing and Probing(**quiet).probe() is None
+
+
+def test_under_a_spawn_launcher_rank_zero_sends_its_mask_home(tmp_path) -> None:
+    """What a spawned worker does at teardown and the parent on unpickling its results, without spawning: the
+    worker folds the mask into plain weights and adds the callback's state to the launcher's extra results; the
+    parent's callback (found by its id) takes the state over and masks the parent's model again."""
+    cb, bystander = FinePruningCallback(layer="net.features.0"), FinePruningCallback(layer="net.features.0")
+    module = PlainModule()
+    fit_trainer = _trainer(tmp_path, cb)
+    fit_trainer.fit(module)
+    launcher = _MultiProcessingLauncher(SimpleNamespace(), start_method="spawn")
+    worker = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher), local_rank=1, callback_metrics={})
+    cb.teardown(worker, module, "validate")  # only a fit's teardown sends anything
+    assert hasattr(module.net.features[0], "weight_mask")
+    cb.teardown(worker, module, "fit")  # a rank other than 0: folds, sends nothing
+    assert not hasattr(module.net.features[0], "weight_mask") and module.net.features[0].weight[:2].abs().sum() == 0
+    assert sorted(launcher.get_extra_results(worker)) == ["callback_metrics_bytes"]
+    worker.local_rank = 0
+    cb.teardown(worker, module, "fit")
+    results = launcher.get_extra_results(worker)
+    assert sorted(results) == ["callback_metrics_bytes", f"fine_pruning/{cb._handoff_id}"]
+    assert cb._handoff_id != bystander._handoff_id
+    blob = pickle.dumps(results[f"fine_pruning/{cb._handoff_id}"])
+    cb.pruned_channels = []  # the parent's callback before the results come back
+
+    def unpickle_in_fit(trainer: L.Trainer) -> None:
+        pickle.loads(blob)
+
+    unpickle_in_fit(fit_trainer)
+    assert cb.pruned_channels == [0, 1] and bystander.pruned_channels == []
+    assert module.net.features[0].weight_mask.flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
