@@ -485,3 +485,62 @@ def test_the_full_re_evaluation_leaves_the_target_class_out_of_the_asr() -> None
     slow = FinePruner(KnownNet(), "features.0", fast=False, step=1, full_curve=True)
     slow.rank(loader(), triggered)
     assert [p["asr"] for p in slow.measure_curve()] == [1.0, 1.0, 1.0, 0.0]
+
+
+class Variant(nn.Module):
+    """conv1 -> ReLU -> conv (pruned) -> ``act`` -> ``tail`` -> linear: the ways a network writes its ReLU, pooling
+    and flatten, which the split must read as written (``network_split``)."""
+
+    def __init__(self, act, tail, features: int) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.conv1 = nn.Conv2d(1, 3, 1)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(features, 3)
+        self.act, self.tail = act, tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tail(self.act(self.conv(F.relu(self.conv1(x))))))
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2).flatten(1)
+
+
+@pytest.mark.parametrize(
+    ("act", "tail", "features", "head_calls", "running_sums"),
+    [
+        (lambda x: x.relu(), _pool, 16, ["max_pool2d", "relu"], True),  # a method's ReLU commutes with the pool
+        (torch.relu, _pool, 16, ["max_pool2d", "relu"], True),
+        (lambda x: F.relu(x, inplace=True), _pool, 16, ["relu", "max_pool2d"], True),  # in place: left as written
+        (F.relu, lambda x: torch.flatten(x, 1), 64, ["relu"], True),
+        (F.relu, lambda x: x.flatten(start_dim=1), 64, ["relu"], True),
+        (F.relu, lambda x: x.flatten(1, -1), 64, ["relu"], True),
+        (F.relu, lambda x: x.flatten(end_dim=-1, start_dim=1), 64, ["relu"], True),
+        (F.relu, lambda x: x.flatten(1, 2).sum(dim=2), 16, ["relu"], False),  # not a whole flatten: no sums
+    ],
+    ids=["method-relu", "torch-relu", "inplace-relu", "torch-flatten", "start-kw", "both-args", "both-kw", "partial"],
+)
+def test_the_split_reads_each_way_of_writing_relu_pool_and_flatten(act, tail, features, head_calls, running_sums):
+    model = Variant(act, tail, features)
+    torch.manual_seed(9)
+    x = torch.randn(32, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    pruner = FinePruner(model, "conv", full_curve=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the split is right: no fallback
+        pruner.rank(data)
+    after_conv = [n for n in pruner.split.head.graph.nodes if n.op != "placeholder"][3:]  # past conv1, relu, conv
+    names = [getattr(n.target, "__name__", n.target) for n in after_conv if n.op != "output"]
+    assert names == head_calls and pruner.incremental is running_sums
+    slow = FinePruner(Variant(act, tail, features), "conv", full_curve=True, fast=False, step=1)
+    slow.rank(data)
+    assert pruner.measure_curve() == slow.measure_curve()
+
+
+def test_an_untraceable_network_is_named_with_the_tracing_error() -> None:
+    with pytest.warns(RuntimeWarning, match=r"\(torch.fx cannot trace DataDependent.forward \(TypeError: ") as caught:
+        FinePruner(DataDependent(), "features.0").rank(loader())
+    assert len(caught) == 1
