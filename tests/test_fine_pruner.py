@@ -541,6 +541,8 @@ def test_the_split_reads_each_way_of_writing_relu_pool_and_flatten(act, tail, fe
 
 
 def test_an_untraceable_network_is_named_with_the_tracing_error() -> None:
-    with pytest.warns(RuntimeWarning, match=r"\(torch.fx cannot trace DataDependent.forward \(TypeError: ") as caught:
+    with pytest.warns(
+        RuntimeWarning, match=r"\(torch.fx cannot trace DataDependent.forward \(TraceError: symbolically traced"
+    ) as caught:
         FinePruner(DataDependent(), "features.0").rank(loader())
     assert len(caught) == 1
