@@ -198,15 +198,7 @@ class RecordingLogger(Logger):
 
 
 def logged_trainer(tmp_path, callback: FinePruningCallback, logger: Logger) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=0,
-        callbacks=[callback],
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    return quiet_trainer(tmp_path, [callback], 0, logger=logger)
 
 
 def test_the_pruning_result_is_logged_to_every_logger_with_the_whole_curve(tmp_path) -> None:

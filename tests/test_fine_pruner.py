@@ -15,14 +15,23 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from backdoor_lab import FinePruningCallback
 from backdoor_lab.defenses import cut_evaluation
 from backdoor_lab.defenses.pruner import FinePruner
 
-from .test_pruning import DataDependent, KnownNet, known_data
+from .test_pruning import DataDependent, KnownNet, PlainModule, known_data
+from .trainers import quiet_trainer
 
 
 def loader(n: int = 64, batch_size: int = 16) -> DataLoader:
     return DataLoader(known_data(n), batch_size=batch_size)
+
+
+def answered(model: nn.Module, x: torch.Tensor, batch_size: int = 8) -> DataLoader:
+    """``x`` labelled with ``model``'s own answers: clean accuracy 1.0 before any pruning."""
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
 def test_a_fresh_pruner_has_the_documented_defaults_and_empty_records() -> None:
@@ -253,11 +262,21 @@ def test_running_sums_that_disagree_with_the_network_are_dropped_and_said_so(cap
 @pytest.mark.skipif(
     "MUTANT_UNDER_TEST" in os.environ, reason="mutmut calls each function through a trampoline of its own package"
 )
-def test_the_fallback_warning_points_at_the_caller_of_rank() -> None:
+def test_the_fallback_warning_points_at_the_caller_of_rank_or_of_fit(tmp_path) -> None:
     pruner = FinePruner(DataDependent(), "features.0")
     with pytest.warns(RuntimeWarning, match="re-evaluates the whole network") as caught:
         pruner.rank(loader())
     assert len(caught) == 1 and caught[0].filename == __file__
+
+    class Untraceable(PlainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = DataDependent()
+
+    callback = FinePruningCallback(layer="net.features.0", progress=False)
+    with pytest.warns(RuntimeWarning, match="re-evaluates the whole network") as caught:
+        quiet_trainer(tmp_path, [callback]).fit(Untraceable())  # through Lightning's loops: this line
+    assert [w.filename for w in caught if "re-evaluates" in str(w.message)] == [__file__]
 
 
 def test_a_skip_added_into_in_place_after_the_cut_keeps_the_cached_curve_exact() -> None:
@@ -314,9 +333,7 @@ def test_pruning_two_channels_at_a_time_updates_every_sample_either_channel_touc
     model = SparseNet(pooled)
     torch.manual_seed(3)
     x = torch.randn(96, 1, 2, 2)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    data = DataLoader(TensorDataset(x, y), batch_size=4)  # small batches: a batch re-runs only if it moved
+    data = answered(model, x, batch_size=4)  # small batches: a batch re-runs only if it moved
     cached = FinePruner(model, "conv", step=2, full_curve=True)
     cached.rank(data)
     assert cached.incremental is not pooled
@@ -381,9 +398,7 @@ def test_running_sums_equal_full_re_evaluation_with_and_without_per_channel_maps
     model = make()
     torch.manual_seed(5)
     x = torch.randn(64, 1, 5, 5) if isinstance(model, StridedReader) else torch.randn(64, 1, 2, 2)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    data = DataLoader(TensorDataset(x, y), batch_size=4)
+    data = answered(model, x, batch_size=4)
     cached = FinePruner(model, "conv", full_curve=True)
     cached.rank(data)
     assert cached.incremental is True
@@ -411,9 +426,7 @@ def test_a_functional_max_pool_after_the_relu_is_moved_before_it() -> None:
     model = FunctionalPool()
     torch.manual_seed(6)
     x = torch.randn(32, 1, 4, 4)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    data = answered(model, x)
     cached = FinePruner(model, "conv", full_curve=True)
     cached.rank(data)
     calls = [n.target for n in cached.split.head.graph.nodes if n.op == "call_function"]
@@ -525,9 +538,7 @@ def test_the_split_reads_each_way_of_writing_relu_pool_and_flatten(act, tail, fe
     model = Variant(act, tail, features)
     torch.manual_seed(9)
     x = torch.randn(32, 1, 4, 4)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    data = answered(model, x)
     pruner = FinePruner(model, "conv", full_curve=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the split is right: no fallback

@@ -12,7 +12,9 @@ it differs, or cannot be made, the curve falls back to full re-evaluation with o
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -30,8 +32,20 @@ from backdoor_lab.defenses.pruning import kept_channels, set_channel_mask
 
 log = logging.getLogger(__name__)
 
-# Frames in these folders are not where a warning belongs (see ``outside_stacklevel``).
-_INSIDE = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
+
+def _package_dir(name: str) -> str | None:
+    """Where an installed package lives, found without importing it (plain-PyTorch users need no Lightning)."""
+    spec = importlib.util.find_spec(name)
+    return str(Path(spec.origin).resolve().parent) if spec is not None and spec.origin else None
+
+
+# Frames in these folders are not where a warning belongs (see ``outside_stacklevel``): this package, torch's
+# decorators, and Lightning's loops between a user's ``trainer.fit(...)`` and the callback.
+_INSIDE = tuple(
+    d + os.sep
+    for d in (str(Path(__file__).resolve().parents[1]), _package_dir("torch"), _package_dir("lightning"))
+    if d
+)
 
 # The cut is checked against the whole network on this many samples of the first clean batch (three forwards).
 CHECK_SAMPLES = 16
@@ -59,9 +73,9 @@ class LoaderPass:
 
 
 def outside_stacklevel(frame: FrameType) -> int:
-    """The ``stacklevel`` that points a warning raised from ``frame`` at the first frame outside this package and
-    torch's decorators (``rank`` runs under ``torch.no_grad()``): the user's call, whatever depth inside it warns.
-    """
+    """The ``stacklevel`` that points a warning raised from ``frame`` at the first frame outside this package,
+    torch's decorators (``rank`` runs under ``torch.no_grad()``) and Lightning: the user's call (``rank`` or
+    ``trainer.fit``), whatever depth inside it warns."""
     level = 1  # ``frame`` itself, the one that calls ``warnings.warn``
     while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
         frame, level = frame.f_back, level + 1
