@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from backdoor_lab.defenses.nad import NADCallback
+from backdoor_lab.defenses import FineTuneBudget
+from backdoor_lab.defenses.nad import NAD, NADCallback, NADSettings, _add_to_loss
 from tests.test_nad import ConvNet, DistilOnly
+
+BUDGET = FineTuneBudget(epochs=1, optimizer=partial(torch.optim.SGD, lr=0.1))
 
 
 def test_a_fresh_callback_holds_its_arguments_and_an_empty_record() -> None:
@@ -52,3 +57,42 @@ def test_set_up_names_what_is_wrong() -> None:
         NADCallback(["net.relu"], [1.0], teacher=copy.deepcopy(student)).setup(None, manual, "fit")
     NADCallback(["net.nope"], [1.0]).setup(None, student, "validate")  # only a fit distils, and checks
     NADCallback(["net.relu"], [1.0], teacher=copy.deepcopy(student)).setup(None, student, "fit")  # all well
+
+
+def test_the_state_round_trips_and_another_settings_checkpoint_is_refused() -> None:
+    cb = NADCallback(["net.relu"], [2.0])
+    cb.distance = {"before": {"net.relu": 0.5}, "after": {"net.relu": 0.25}}
+    cb.loss_first, cb.loss_last, cb.loss_epoch_mean = 3.0, 1.0, [2.0, 1.5]
+    cb.teacher_record = {"given": False, "epochs": 2, "steps": 4, "samples": 16}
+    state = cb.state_dict()
+    assert sorted(state) == sorted(
+        ["settings", "teacher_state", "teacher_record", "distance", "loss_first", "loss_last", "loss_epoch_mean"]
+    )
+    again = NADCallback(["net.relu"], [2.0])
+    again.load_state_dict(state)
+    assert again.distance == cb.distance and again.teacher_record == cb.teacher_record
+    assert (again.loss_first, again.loss_last, again.loss_epoch_mean) == (3.0, 1.0, [2.0, 1.5])
+    with pytest.raises(MisconfigurationException, match=r"resume with the same layers, betas and p$"):
+        NADCallback(["net.relu"], [9.0]).load_state_dict(state)
+
+
+def test_the_attention_term_is_added_to_a_tensor_or_a_dicts_loss() -> None:
+    term = torch.tensor(2.0)
+    assert _add_to_loss(torch.tensor(1.0), term) == 3.0
+    assert _add_to_loss({"loss": torch.tensor(1.0), "extra": 7}, term) == {"loss": torch.tensor(3.0), "extra": 7}
+    assert _add_to_loss(None, term) is None  # a skipped batch stays skipped
+    for out in ([1.0], {"logits": torch.zeros(1)}):
+        with pytest.raises(
+            MisconfigurationException, match=rf"^NADCallback: training_step returned a {type(out).__name__};"
+        ):
+            _add_to_loss(out, term)
+
+
+def test_the_plug_ins_check_names_the_missing_pieces() -> None:
+    settings = NADSettings(layers=(), betas=(1.0,))
+    with pytest.raises(
+        ValueError, match=r"^nad.layers is empty and DistilOnly names no attention_layers: NAD needs the"
+    ):
+        NAD(settings, BUDGET).check(DistilOnly())
+    with pytest.raises(ValueError, match=r"^nad.layers \['net.nope'\] is not in DistilOnly"):
+        NAD(NADSettings(layers=("net.nope",), betas=(1.0,)), BUDGET).check(DistilOnly())
