@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from functools import partial
 
 import pytest
@@ -12,7 +13,9 @@ from torch import nn
 
 from backdoor_lab.defenses import FineTuneBudget
 from backdoor_lab.defenses.nad import NAD, NADCallback, NADSettings, _add_to_loss
+from tests.test_callback_lightning import RecordingLogger
 from tests.test_nad import ConvNet, DistilOnly
+from tests.trainers import quiet_trainer
 
 BUDGET = FineTuneBudget(epochs=1, optimizer=partial(torch.optim.SGD, lr=0.1))
 
@@ -96,3 +99,29 @@ def test_the_plug_ins_check_names_the_missing_pieces() -> None:
         NAD(settings, BUDGET).check(DistilOnly())
     with pytest.raises(ValueError, match=r"^nad.layers \['net.nope'\] is not in DistilOnly"):
         NAD(NADSettings(layers=("net.nope",), betas=(1.0,)), BUDGET).check(DistilOnly())
+
+
+def test_the_teacher_and_the_term_are_logged_and_a_saved_teacher_is_reused(tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="backdoor_lab.defenses.nad")
+    cb = NADCallback(["net.relu"], [1.0], teacher_epochs=2, measure=False)
+    logger = RecordingLogger()
+    quiet_trainer(tmp_path, [cb], 1, logger=logger, log_every_n_steps=1, num_sanity_val_steps=0).fit(DistilOnly())
+    ours = [r.getMessage() for r in caplog.records if r.name == "backdoor_lab.defenses.nad"]
+    assert ours == ["NAD: teacher fine-tuned for 2 epochs (2 steps) on the clean data"]  # 16 samples, one batch
+    assert any("nad/attention_loss" in metrics for metrics, _ in logger.metrics)
+    resumed = NADCallback(["net.relu"], [1.0], teacher_epochs=2, measure=False)
+    resumed.load_state_dict(cb.state_dict())
+    caplog.clear()
+    quiet_trainer(tmp_path, [resumed], 1, num_sanity_val_steps=0).fit(DistilOnly())
+    ours = [r.getMessage() for r in caplog.records if r.name == "backdoor_lab.defenses.nad"]
+    assert ours == ["NAD: distilling from the teacher saved in the checkpoint"]
+    assert resumed.teacher_record == cb.teacher_record
+
+
+def test_the_plug_ins_empty_layers_error_says_where_to_set_them() -> None:
+    with pytest.raises(ValueError) as err:
+        NAD(NADSettings(layers=(), betas=(1.0,)), BUDGET).check(DistilOnly())
+    assert str(err.value) == (
+        "nad.layers is empty and DistilOnly names no attention_layers: NAD needs the conv stages whose attention it "
+        "distils; set model.attention_layers in conf/model/<name>.yaml or nad.layers=[...]"
+    )
