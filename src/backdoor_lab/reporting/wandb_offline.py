@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,15 +99,30 @@ class OfflineRun:
         return self.table(f"{key}_table")
 
 
-def read_offline_run(run_dir: str | Path) -> OfflineRun:
-    """Replay ``run_dir``'s ``run-*.wandb`` log (``run_dir`` = ``.../wandb/offline-run-<time>-<id>``)."""
+def read_offline_run(run_dir: str | Path, wait_s: float = 20.0) -> OfflineRun:
+    """Replay ``run_dir``'s ``run-*.wandb`` log (``run_dir`` = ``.../wandb/offline-run-<time>-<id>``).
+
+    W&B's service process may still be writing the log when the run's ``finish()`` returns: a run that has just
+    ended is read again until its exit record is on disk, for up to ``wait_s`` seconds (a busy machine once took
+    long enough for a test to read the log before its first record).
+    """
     run_dir = Path(run_dir)
+    deadline = time.monotonic() + wait_s
+    while True:
+        run, ended = _replay(run_dir)
+        if ended or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _replay(run_dir: Path) -> tuple[OfflineRun, bool]:
     logs = sorted(run_dir.glob("run-*.wandb"))
     if not logs:
         raise FileNotFoundError(f"no run-*.wandb in {run_dir}")
-    run = OfflineRun(run_dir=run_dir)
+    run, ended = OfflineRun(run_dir=run_dir), False
     for record in _records(logs[0]):
         kind = record.WhichOneof("record_type")
+        ended = ended or kind == "exit"
         if kind == "run":
             r = record.run
             run.run_id, run.name, run.group, run.job_type = r.run_id, r.display_name, r.run_group, r.job_type
@@ -116,4 +132,4 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
             _apply(run.config, record.config.update, record.config.remove)
         elif kind == "summary":
             _apply(run.summary, record.summary.update, record.summary.remove)
-    return run
+    return run, ended
