@@ -22,6 +22,7 @@ from backdoor_lab.defenses.pruning import (
 )
 
 from .nets import Residual, SigmoidNet
+from .trainers import quiet_trainer
 
 
 class KnownNet(nn.Module):
@@ -79,16 +80,7 @@ class PlainModule(L.LightningModule):
 
 
 def _trainer(tmp_path, callback, epochs: int = 0, **kw) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+    return quiet_trainer(tmp_path, [callback], epochs, **kw)
 
 
 def test_stop_rule_prunes_dormant_channels_and_rolls_back(tmp_path) -> None:
