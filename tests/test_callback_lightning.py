@@ -197,13 +197,17 @@ class RecordingLogger(Logger):
         self.tables.append((key, columns, data))
 
 
+def flipped_to_target(n: int) -> DataLoader:
+    """``n`` triggered inputs (target 1, true class 0) that drive ``KnownNet``'s class channel: ASR 1 unpruned."""
+    return DataLoader(TensorDataset(torch.full((n, 1, 2, 2), 2.0), torch.ones(n).long(), torch.zeros(n).long()))
+
+
 def logged_trainer(tmp_path, callback: FinePruningCallback, logger: Logger) -> L.Trainer:
     return quiet_trainer(tmp_path, [callback], 0, logger=logger)
 
 
 def test_the_pruning_result_is_logged_to_every_logger_with_the_whole_curve(tmp_path) -> None:
-    triggered = DataLoader(TensorDataset(torch.full((16, 1, 2, 2), 2.0), torch.ones(16).long(), torch.zeros(16).long()))
-    cb = FinePruningCallback(layer="net.features.0", triggered_dataloader=triggered, progress=False)
+    cb = FinePruningCallback(layer="net.features.0", triggered_dataloader=flipped_to_target(16), progress=False)
     logger = RecordingLogger()
     logged_trainer(tmp_path, cb, logger).fit(PlainModule())
     assert cb.pruned_channels == [0, 1] and cb.pruned_fraction == 0.5
@@ -314,16 +318,16 @@ def test_the_batch_hooks_get_each_loaders_own_index(tmp_path) -> None:
             seen.append(dataloader_idx)
             return batch
 
-    triggered = DataLoader(TensorDataset(torch.full((8, 1, 2, 2), 2.0), torch.ones(8).long(), torch.zeros(8).long()))
-    cb = FinePruningCallback(layer="net.features.0", clean_dataloader_idx=1, triggered_dataloader=triggered)
+    cb = FinePruningCallback(layer="net.features.0", clean_dataloader_idx=1, triggered_dataloader=flipped_to_target(8))
     _trainer(tmp_path, cb, num_sanity_val_steps=0, limit_val_batches=0).fit(Recording())
     assert seen[:5] == [1, 1, 1, 1, 0]  # the rank pass: four clean batches (val loader 1), then the triggered one
 
 
 def test_a_fixed_ratio_logs_the_before_and_after_points_and_the_message(tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="backdoor_lab.defenses.callback")
-    triggered = DataLoader(TensorDataset(torch.full((16, 1, 2, 2), 2.0), torch.ones(16).long(), torch.zeros(16).long()))
-    cb = FinePruningCallback(layer="net.features.0", prune_ratio=0.75, step=3, triggered_dataloader=triggered)
+    cb = FinePruningCallback(
+        layer="net.features.0", prune_ratio=0.75, step=3, triggered_dataloader=flipped_to_target(16)
+    )
     logger = RecordingLogger()
     logged_trainer(tmp_path, cb, logger).fit(PlainModule())
     assert [p["pruned"] for p in cb.prune_curve] == [0, 3]

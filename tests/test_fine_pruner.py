@@ -445,10 +445,8 @@ def test_per_channel_maps_are_built_up_to_the_limit_exactly(make, size: int, mon
     for limit, built in ((size, True), (size - 1, False)):
         monkeypatch.setattr(network_split, "MATRIX_LIMIT", limit)
         model = make()
-        with torch.no_grad():
-            y = model(x).argmax(1)
         pruner = FinePruner(model, "conv")
-        pruner.rank(DataLoader(TensorDataset(x, y), batch_size=8))
+        pruner.rank(answered(model, x))
         assert bool(pruner._cache.sums.readers[0]._maps) is built
 
 
@@ -469,12 +467,10 @@ class SummedAfterRelu(nn.Module):
 def test_only_a_max_pool_is_moved_before_the_relu() -> None:
     model = SummedAfterRelu()
     x = torch.randn(32, 1, 3, 3)
-    with torch.no_grad():
-        y = model(x).argmax(1)
     pruner = FinePruner(model, "conv", full_curve=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the split is right: no fallback
-        pruner.rank(DataLoader(TensorDataset(x, y), batch_size=8))
+        pruner.rank(answered(model, x))
     calls = [n.target for n in pruner.split.head.graph.nodes if n.op == "call_function"]
     assert calls == [F.relu]
 
