@@ -9,6 +9,9 @@ resumed run then makes exactly the draws the uninterrupted run made, and every e
 (nothing changes for a run that is not resumed).
 
 States are kept as tensors, ints and tuples only, so the checkpoint still loads with ``weights_only=True``.
+
+``SkippedValidationDraws`` keeps the same draws when a fit validates less often than every epoch (the defenses'
+fine-tuning always; training under ``speed=exact``): its weights are then those of a fit that validates every epoch.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 _NUMPY_STATE_FIELDS = ("keys", "pos", "has_gauss", "cached_gaussian")
 
@@ -78,3 +82,23 @@ class RngStateCheckpoint(Callback):
         states = checkpoint.get("rng_states")
         if states is not None:
             restore_rng_states(states)
+
+
+class SkippedValidationDraws(Callback):
+    """Where an epoch skips its validation, draw from torch's generator what that validation would have drawn.
+
+    Starting a DataLoader's iterator draws its base seed from torch's global generator, and the next epoch's
+    shuffle draws after it: without these draws, validating less often would reshuffle every later epoch, and
+    a fit would end on other weights than with validation every epoch (``tests/test_speed.py``). So a
+    skipped validation starts (and drops) an iterator of each validation loader: the numbers stay as they were.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        every = trainer.check_val_every_n_epoch
+        if every is None or (trainer.current_epoch + 1) % every == 0 or trainer.datamodule is None:
+            return
+        if not is_overridden("val_dataloader", trainer.datamodule) or trainer.limit_val_batches == 0:
+            return
+        loaders = trainer.datamodule.val_dataloader()
+        for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+            iter(loader)

@@ -10,11 +10,10 @@ import logging
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from backdoor_lab.defenses.base import Defense, DefenseContext, FineTuneBudget, PruneSettings
 from backdoor_lab.defenses.pruning import resolve_layer
+from backdoor_lab.resume import SkippedValidationDraws
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +41,6 @@ def fine_tune(context: DefenseContext, budget: FineTuneBudget, callbacks: list |
         "fit_on": context.datamodule.fit_on,
         "samples": seen,
     }
-
-
-class SkippedValidationDraws(Callback):
-    """Where an epoch skips its validation, draw from torch's generator what that validation would have drawn.
-
-    Starting a DataLoader's iterator draws its base seed from torch's global generator, and the next epoch's
-    shuffle draws after it: without these draws, validating less often would reshuffle every later epoch, and
-    fine-tuning would end on other weights than with validation every epoch (``tests/test_speed.py``). So a
-    skipped validation starts (and drops) an iterator of each validation loader: the numbers stay as they were.
-    """
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        every = trainer.check_val_every_n_epoch
-        if every is None or (trainer.current_epoch + 1) % every == 0 or trainer.datamodule is None:
-            return
-        if not is_overridden("val_dataloader", trainer.datamodule) or trainer.limit_val_batches == 0:
-            return
-        loaders = trainer.datamodule.val_dataloader()
-        for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
-            iter(loader)
 
 
 def pruning_record(callback: Any, model: L.LightningModule) -> dict[str, Any]:
