@@ -34,16 +34,14 @@ class SyntheticTrafficSigns(CachedSource):
         scale: float = 1.0,
     ) -> None:
         scale = check_scale(scale)
-        train_per_class, val_per_class, test_per_class = (
-            scaled(n, scale) for n in (train_per_class, val_per_class, test_per_class)
-        )
+        counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
+        for split, n in counts.items():  # before scaling, which never gives fewer than one
+            if n < 1:
+                raise ValueError(f"{split}_per_class must be >= 1, got {n}")
         self.cache_dir = cache_dir
         self.seed = seed
         self.image_size = image_size
-        self.counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
-        for split, n in self.counts.items():
-            if n < 1:
-                raise ValueError(f"{split}_per_class must be >= 1, got {n}")
+        self.counts = {split: scaled(n, scale) for split, n in counts.items()}
         self._class_names = list(classes or SIGN_CLASSES)
         self.progress = progress
 
