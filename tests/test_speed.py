@@ -150,3 +150,33 @@ def test_compile_trains_through_the_compiled_network_and_keeps_the_weights_names
     assert 0 <= result["train"]["clean_acc"] <= 1
     with pytest.raises(Exception, match="compile must be true or false"):
         train(compose_run("train", tmp_path, "bad", [*TINY_SIGNS, "compile=yes"]))
+
+
+def test_speed_exact_validates_every_5th_epoch_and_trains_the_very_same_weights(tmp_path: Path) -> None:
+    """``speed=exact``: training validates less often, its skipped passes still make their generator draws, and the
+    weights are bit-identical to validation every epoch; without the draws (the bare switch) they are not."""
+    weights, keys = {}, {}
+    for name, overrides in {
+        "every_epoch": [],
+        "exact": ["speed=exact"],
+        "bare": ["+trainer.check_val_every_n_epoch=5"],
+    }.items():
+        cfg = compose_run("train", tmp_path, name, [*TINY_SIGNS, "trainer.max_epochs=6", "reuse=false", *overrides])
+        keys[name] = train_key(training_config(cfg))
+        train(cfg)
+        weights[name] = load_file(str(Path(cfg.paths.run_dir) / "model.safetensors"))
+        logged = (Path(cfg.paths.run_dir) / "csv" / "metrics.csv").read_text().splitlines()
+        header = logged[0].split(",")
+        val_epochs = sorted(
+            {
+                row.split(",")[header.index("epoch")]
+                for row in logged[1:]
+                if row.split(",")[header.index("val/clean_acc")]
+            }
+        )
+        assert val_epochs == (["0", "1", "2", "3", "4", "5"] if name == "every_epoch" else ["4"]), name
+    assert weights["exact"].keys() == weights["every_epoch"].keys()
+    assert all(torch.equal(weights["exact"][k], weights["every_epoch"][k]) for k in weights["exact"])
+    assert not all(torch.equal(weights["bare"][k], weights["every_epoch"][k]) for k in weights["bare"])
+    # so speed=exact reuses (and is reused by) training runs that validate every epoch; the bare switch is its own
+    assert keys["exact"] == keys["every_epoch"] != keys["bare"]

@@ -52,7 +52,22 @@ def training_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved, flattened training config: what decides the trained weights."""
     nodes = {name: OmegaConf.to_container(cfg, resolve=True).get(name) for name in TRAINING_NODES}
     flat = flatten(nodes)
-    return {k: v for k, v in sorted(flat.items()) if not any(k == n or k.startswith(n + ".") for n in NOT_TRAINING)}
+    ignored = (*NOT_TRAINING, *(VALIDATION_PERIOD if keeps_validation_draws(cfg) else ()))
+    return {k: v for k, v in sorted(flat.items()) if not any(k == n or k.startswith(n + ".") for n in ignored)}
+
+
+# How often training validates: it changes the weights (each pass draws from torch's generator) unless skipped
+# passes still make their draws (SkippedValidationDraws, speed=exact), where a run trains what one that validates
+# every epoch trains, and the two share a key.
+VALIDATION_PERIOD = ("trainer.check_val_every_n_epoch",)
+
+
+def keeps_validation_draws(cfg: DictConfig) -> bool:
+    """Whether ``cfg``'s callbacks include ``SkippedValidationDraws``."""
+    callbacks = cfg.get("callbacks") or {}
+    return any(
+        c is not None and str(c.get("_target_", "")).endswith(".SkippedValidationDraws") for c in callbacks.values()
+    )
 
 
 def train_key(config: Mapping[str, Any]) -> str:
