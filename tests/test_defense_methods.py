@@ -118,3 +118,12 @@ def test_skipped_validations_draw_what_they_would_have_drawn() -> None:
     (``tests/test_speed.py`` shows the set-up; here it runs in the mutation selection)."""
     _, every_epoch = _fine_tuned(1)
     assert torch.equal(_fine_tuned(0)[1], every_epoch) and torch.equal(_fine_tuned(3)[1], every_epoch)
+
+
+def test_a_second_skipped_validation_draws_callback_draws_nothing() -> None:
+    """``speed=exact`` hands the fine-tuning's Trainer its own ``SkippedValidationDraws`` next to the one
+    ``fine_tune`` adds: the draws are still made once, so the weights are those of one callback (checked: two
+    callbacks drawing twice end on other weights)."""
+    from backdoor_lab.resume import SkippedValidationDraws
+
+    assert torch.equal(_fine_tuned(0, SkippedValidationDraws())[1], _fine_tuned(0)[1])

@@ -94,6 +94,8 @@ class SkippedValidationDraws(Callback):
     """
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if next(cb for cb in trainer.callbacks if isinstance(cb, SkippedValidationDraws)) is not self:
+            return  # one Trainer may be handed two (speed=exact's and the fine-tuning's own): draw once
         every = trainer.check_val_every_n_epoch
         if every is None or (trainer.current_epoch + 1) % every == 0 or trainer.datamodule is None:
             return
