@@ -2,12 +2,16 @@
 
     python bench/precision_compare.py docs/results/paper_sweep docs/results/speed_fast_train
     python bench/precision_compare.py --defenses docs/results/paper_sweep docs/results/paper_sweep_speed_fast_seed0
+    python bench/precision_compare.py --identical docs/results/defenses_sweep docs/results/paper_sweep_exact_seed0
 
 The first form reads every ``<task>-baseline-seed<N>/train_metrics.json`` of both folders (the first fp32, the
 second ``speed=fast``) and prints, per task: mean ± sample std (n) of each, the fp32 range over seeds, and whether
 the fast mean lies within fp32's mean ± 2 std (within one seed's spread). ``--defenses`` does the same for every
 cell of the paper table (task, attack, defense: the test split after the defense) from both ``summary.csv``, and
 prints the fast sweep's span of wall time (first job started to last job finished, from its ``job.json``).
+``--identical`` asks whether the second folder's cells are bit for bit the first's at the same seeds (the
+after-defense clean accuracy and ASR as written to ``summary.csv``), for a switch meant to change no number
+(``speed=exact``), and prints the second sweep's span and its jobs' summed time.
 """
 
 from __future__ import annotations
@@ -53,6 +57,33 @@ def sweep_span(folder: Path) -> float:
     return (finished - started).total_seconds()
 
 
+def seed_cells(folder: Path) -> dict[tuple[str, str, str, str], tuple[str, str]]:
+    """(task, attack variant, defense, seed) -> after-defense clean accuracy and ASR, as written."""
+    with (folder / "summary.csv").open() as f:
+        return {
+            (r["task"], r["attack_variant"], r["defense"], r["seed"]): (r["after_clean_acc"], r["after_asr"])
+            for r in csv.DictReader(f)
+        }
+
+
+def compare_identical(reference_folder: Path, folder: Path) -> tuple[int, int]:
+    """Print every cell of ``folder`` that differs from ``reference_folder``'s; (identical, compared)."""
+    reference, cells = seed_cells(reference_folder), seed_cells(folder)
+    missing = sorted(set(cells) - set(reference))
+    if missing:
+        raise SystemExit(f"{reference_folder} has no cell {missing[0]} (and {len(missing) - 1} more)")
+    same = 0
+    for key in sorted(cells):
+        if cells[key] == reference[key]:
+            same += 1
+        else:
+            print(f"differs: {key}: {cells[key]} against {reference[key]}")
+    jobs = sum(json.loads(p.read_text())["wall_s"] for p in folder.glob("*/job.json"))
+    span = sweep_span(folder)
+    print(f"{same} of {len(cells)} cells identical; the sweep spanned {span:.0f} s, its jobs {jobs:.0f} s")
+    return same, len(cells)
+
+
 def compare_defenses(fp32_folder: Path, fast_folder: Path) -> None:
     fp32, fast = table_cells(fp32_folder), table_cells(fast_folder)
     print("| task | attack | defense | clean %: fp32 | speed=fast | within | ASR %: fp32 | speed=fast | within |")
@@ -72,6 +103,9 @@ def compare_defenses(fp32_folder: Path, fast_folder: Path) -> None:
 
 
 def main() -> None:
+    if sys.argv[1] == "--identical":
+        compare_identical(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     if sys.argv[1] == "--defenses":
         compare_defenses(Path(sys.argv[2]), Path(sys.argv[3]))
         return

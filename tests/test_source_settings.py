@@ -34,6 +34,8 @@ def test_synthetic_faces_defaults_and_the_smallest_cast() -> None:
         ({"val_per_identity": 0}, "val_per_identity must be >= 1, got 0"),
         ({"test_per_identity": -1}, "test_per_identity must be >= 1, got -1"),
         ({"nuisance": -0.5}, "nuisance must be >= 0, got -0.5"),
+        ({"num_identities": 1}, "num_identities must be >= 2, got 1"),
+        ({"num_identities": 1, "scale": 4.0}, "num_identities must be >= 2, got 1"),
     ],
 )
 def test_synthetic_faces_refuse_bad_counts_by_name(kwargs: dict, message: str) -> None:

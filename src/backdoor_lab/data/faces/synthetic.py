@@ -40,9 +40,9 @@ class SyntheticFaces(CachedSource):
         progress: bool = True,
         scale: float = 1.0,
     ) -> None:
-        num_identities = max(2, scaled(num_identities, check_scale(scale)))  # fewer people, as many photos each
-        if num_identities < 2:
+        if num_identities < 2:  # checked before scaling, which never gives fewer than two
             raise ValueError(f"num_identities must be >= 2, got {num_identities}")
+        num_identities = max(2, scaled(num_identities, check_scale(scale)))  # fewer people, as many photos each
         for arg, value in (
             ("train_per_identity", train_per_identity),
             ("val_per_identity", val_per_identity),
