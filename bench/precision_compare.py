@@ -80,7 +80,7 @@ def compare_identical(reference_folder: Path, folder: Path) -> tuple[int, int]:
             print(f"differs: {key}: {cells[key]} against {reference[key]}")
     jobs = sum(json.loads(p.read_text())["wall_s"] for p in folder.glob("*/job.json"))
     span = sweep_span(folder)
-    print(f"{same} of {len(cells)} cells identical; the sweep spanned {span:.0f} s, its jobs {jobs:.0f} s")
+    print(f"{same} of {len(cells)} cells identical (clean accuracy and ASR each); the sweep spanned {span:.0f} s, its jobs {jobs:.0f} s")
     return same, len(cells)
 
 
@@ -99,7 +99,7 @@ def compare_defenses(fp32_folder: Path, fast_folder: Path) -> None:
             cells += [cell(ref), cell(new), "yes" if inside else "**no**"]
         print("| " + " | ".join([*key, *cells]) + " |")
     span = sweep_span(fast_folder)
-    print(f"\n{total - outside} of {total} cells within fp32 mean ± 2 std; speed=fast jobs spanned {span:.0f} s")
+    print(f"\n{total - outside} of {total} cells within fp32 mean ± 2 std; its jobs spanned {span:.0f} s")
 
 
 def main() -> None:
