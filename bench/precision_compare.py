@@ -80,7 +80,8 @@ def compare_identical(reference_folder: Path, folder: Path) -> tuple[int, int]:
             print(f"differs: {key}: {cells[key]} against {reference[key]}")
     jobs = sum(json.loads(p.read_text())["wall_s"] for p in folder.glob("*/job.json"))
     span = sweep_span(folder)
-    print(f"{same} of {len(cells)} cells identical (clean accuracy and ASR each); the sweep spanned {span:.0f} s, its jobs {jobs:.0f} s")
+    print(f"{same} of {len(cells)} cells identical (clean accuracy and ASR each)")
+    print(f"the sweep spanned {span:.0f} s, its jobs {jobs:.0f} s")
     return same, len(cells)
 
 

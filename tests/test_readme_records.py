@@ -207,3 +207,20 @@ def test_the_speed_fast_paper_seed_figures_are_its_records() -> None:
     assert f"own times sum to {jobs:.1f} min" in text
     assert f"{sum(within)} of {len(within)} cells lie within" in text
     assert len(within) == 48  # 3 tasks x 2 attacks x 4 defenses x (clean, ASR)
+
+
+def test_the_speed_exact_paper_seed_figures_are_its_records() -> None:
+    """ "took 20 min 6 s. All 24 of its cells are bit-identical": bench/precision_compare.py --identical."""
+    spec = importlib.util.spec_from_file_location("precision_compare", ROOT / "bench/precision_compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    exact = ROOT / "docs/results/paper_sweep_exact_seed0"
+    same, total = compare.compare_identical(ROOT / "docs/results/defenses_sweep", exact)
+    span = round(compare.sweep_span(exact))
+    text = " ".join(README.split())
+    assert f"took {span // 60} min {span % 60} s. All {same} of its cells are bit-identical" in text
+    assert same == total == 24  # 3 tasks x 2 attacks x 4 defenses, seed 0
+    assert all(
+        json.loads(p.read_text())["overrides"][3:6] == ["reuse=False", "speed=exact", "threads=1"]
+        for p in exact.glob("*/job.json")
+    )
