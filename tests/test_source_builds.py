@@ -393,3 +393,23 @@ def test_fsdd_names_what_is_missing(tmp_path: Path) -> None:
     assert str(err.value) == (
         f"free_spoken_digits: unexpected file name {tmp_path / 'recordings' / 'seven.wav'}; expected layout: {layout}"
     )
+
+
+def test_face_folders_skip_hidden_folders_and_other_files_and_name_what_is_empty(tmp_path: Path) -> None:
+    _write_identities(tmp_path, {"ann": 3, "bob": 3})
+    (tmp_path / ".thumbnails").mkdir()  # a viewer's cache: not an identity
+    (tmp_path / ".thumbnails" / "0.png").write_bytes(b"")
+    (tmp_path / "ann" / "notes.txt").write_text("not an image")
+    (tmp_path / "bob" / "video0.png").mkdir()  # a folder named like an image is not one
+    faces = AlignedFaceFolder(tmp_path, progress=False)
+    assert faces.class_names == ["ann", "bob"] and [len(faces._listing[n]) for n in faces.class_names] == [3, 3]
+    (tmp_path / "cyd").mkdir()
+    with pytest.raises(ValueError) as err:
+        AlignedFaceFolder(tmp_path, progress=False)._find()
+    kinds = ".jpg, .jpeg, .png, .bmp, .ppm, .pgm, .tif, .tiff, .webp"
+    assert str(err.value) == f"identity folder {tmp_path / 'cyd'} holds no images ({kinds})"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError) as err:
+        AlignedFaceFolder(empty, progress=False)._find()
+    assert str(err.value) == f"{empty} holds no identity folders"
