@@ -16,13 +16,17 @@ from PIL import Image
 from backdoor_lab.data.faces import folders
 from backdoor_lab.data.faces.crop import FACE_HEIGHT, FACE_WIDTH
 from backdoor_lab.data.faces.folders import AlignedFaceFolder, _fit_crop, _select, _split_per_identity
+from backdoor_lab.data.signs import gtsrb
 from backdoor_lab.data.signs import synthetic as synthetic_signs
+from backdoor_lab.data.signs.gtsrb import GTSRBSigns
 from backdoor_lab.data.signs.synthetic import SIGN_CLASSES, SyntheticTrafficSigns
 from backdoor_lab.data.speech import recorded
 from backdoor_lab.data.speech import synthetic as synthetic_speech
 from backdoor_lab.data.speech.digits import DIGIT_WORDS
 from backdoor_lab.data.speech.recorded import FreeSpokenDigits, SpeechCommandsDigits
 from backdoor_lab.data.speech.synthetic import SpokenDigits
+
+from .test_signs_data import _write_gtsrb
 
 
 class TrackRecorder:
@@ -39,7 +43,7 @@ class TrackRecorder:
 @pytest.fixture
 def bars(monkeypatch: pytest.MonkeyPatch) -> TrackRecorder:
     recorder = TrackRecorder()
-    for module in (synthetic_signs, folders, recorded, synthetic_speech):
+    for module in (synthetic_signs, gtsrb, folders, recorded, synthetic_speech):
         monkeypatch.setattr(module, "track", recorder)
     return recorder
 
@@ -60,6 +64,22 @@ def test_synthetic_signs_show_a_transient_bar_unless_told_not_to(bars: TrackReco
     signs.progress = progress
     signs.build()
     assert bars.calls == [{"description": "Rendering traffic signs", "disable": not progress, "transient": True}]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_gtsrb_shows_a_transient_bar_per_split_and_boxes_the_sign_inside_a_10_percent_margin(
+    bars: TrackRecorder, tmp_path: Path, progress: bool
+) -> None:
+    _write_gtsrb(tmp_path)
+    splits = GTSRBSigns(str(tmp_path), cache_dir=None, progress=progress).build()
+    assert bars.calls == [
+        {"description": f"Reading GTSRB {what}", "disable": not progress, "transient": True}
+        for what in ("train", "test")
+    ]
+    for split in splits.values():
+        assert np.array_equal(split.regions, np.tile(np.float32([3.2, 3.2, 28.8, 28.8]), (len(split), 1)))
+    assert splits["test"].sample_ids.tolist() == list(range(18, 27))  # after the 18 training images
+    assert splits["train"].labels.dtype == np.int64
 
 
 def _write_identities(root: Path, counts: dict[str, int]) -> None:
