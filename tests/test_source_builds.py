@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from backdoor_lab.data.faces import folders
+from backdoor_lab.data.faces import synthetic as synthetic_faces
 from backdoor_lab.data.faces.crop import FACE_HEIGHT, FACE_WIDTH
 from backdoor_lab.data.faces.folders import AlignedFaceFolder, _fit_crop, _select, _split_per_identity
 from backdoor_lab.data.signs import gtsrb
@@ -43,7 +44,7 @@ class TrackRecorder:
 @pytest.fixture
 def bars(monkeypatch: pytest.MonkeyPatch) -> TrackRecorder:
     recorder = TrackRecorder()
-    for module in (synthetic_signs, gtsrb, folders, recorded, synthetic_speech):
+    for module in (synthetic_signs, gtsrb, synthetic_faces, folders, recorded, synthetic_speech):
         monkeypatch.setattr(module, "track", recorder)
     return recorder
 
@@ -79,6 +80,17 @@ def test_gtsrb_shows_a_transient_bar_per_split_and_boxes_the_sign_inside_a_10_pe
     for split in splits.values():
         assert np.array_equal(split.regions, np.tile(np.float32([3.2, 3.2, 28.8, 28.8]), (len(split), 1)))
     assert splits["test"].sample_ids.tolist() == list(range(18, 27))  # after the 18 training images
+    assert splits["train"].labels.dtype == np.int64
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_synthetic_faces_show_a_transient_bar_unless_told_not_to(bars: TrackRecorder, progress: bool) -> None:
+    faces = synthetic_faces.SyntheticFaces(
+        num_identities=2, train_per_identity=1, val_per_identity=1, test_per_identity=1, cache_dir=None
+    )
+    faces.progress = progress
+    splits = faces.build()
+    assert bars.calls == [{"description": "Rendering 6 synthetic faces", "disable": not progress, "transient": True}]
     assert splits["train"].labels.dtype == np.int64
 
 
