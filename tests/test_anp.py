@@ -491,3 +491,21 @@ def test_a_conv_the_forward_never_calls_gets_no_perturbation_and_breaks_nothing(
     units.ascend(lambda: F.cross_entropy(net(x), y), step=0.1, eps=0.25)
     assert torch.equal(unused.noise, before)
     units.close()
+
+
+def test_masked_neurons_live_on_the_networks_device_or_the_one_named() -> None:
+    """Masks and perturbations are made where the network is (the meta device stands in for a GPU here: a tensor
+    made on the CPU instead would show), or on the device named."""
+    from backdoor_lab.defenses.neurons import MaskedNeurons
+
+    def conv_net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1, bias=False))
+
+    on_meta = MaskedNeurons(conv_net().to("meta"))
+    named = MaskedNeurons(conv_net(), device=torch.device("meta"))
+    for neurons in (on_meta, named):
+        assert len(neurons.masks) == 2 and len(neurons.noises) == 4
+        assert all(t.device.type == "meta" for t in [*neurons.masks, *neurons.noises])
+        assert all(m.requires_grad for m in neurons.masks) and not any(t.requires_grad for t in neurons.noises)
+        assert [m.shape[0] for m in neurons.masks] == [3, 2]
+    assert all(t.device.type == "cpu" for t in MaskedNeurons(conv_net()).masks)
