@@ -496,7 +496,6 @@ def test_a_conv_the_forward_never_calls_gets_no_perturbation_and_breaks_nothing(
 def test_masked_neurons_live_on_the_networks_device_or_the_one_named() -> None:
     """Masks and perturbations are made where the network is (the meta device stands in for a GPU here: a tensor
     made on the CPU instead would show), or on the device named."""
-    from backdoor_lab.defenses.neurons import MaskedNeurons
 
     def conv_net() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1, bias=False))
