@@ -429,8 +429,7 @@ def test_fsdd_names_what_is_missing(tmp_path: Path) -> None:
 
 def test_face_folders_skip_hidden_folders_and_other_files_and_name_what_is_empty(tmp_path: Path) -> None:
     _write_identities(tmp_path, {"ann": 3, "bob": 3})
-    (tmp_path / ".thumbnails").mkdir()  # a viewer's cache: not an identity
-    (tmp_path / ".thumbnails" / "0.png").write_bytes(b"")
+    _write_identities(tmp_path, {".thumbnails": 3})  # a viewer's cache, with images: not an identity
     (tmp_path / "ann" / "notes.txt").write_text("not an image")
     (tmp_path / "bob" / "video0.png").mkdir()  # a folder named like an image is not one
     faces = AlignedFaceFolder(tmp_path, progress=False)
