@@ -508,3 +508,58 @@ def test_masked_neurons_live_on_the_networks_device_or_the_one_named() -> None:
         assert all(m.requires_grad for m in neurons.masks) and not any(t.requires_grad for t in neurons.noises)
         assert [m.shape[0] for m in neurons.masks] == [3, 2]
     assert all(t.device.type == "cpu" for t in MaskedNeurons(conv_net()).masks)
+
+
+def _reference_anp_masks(net: nn.Sequential, x: Tensor, y: Tensor, settings: ANPSettings, seed: int) -> list[float]:
+    """ANP's search (Wu & Wang, Algorithm 1) written out for one conv layer with bias, on one fixed batch: a random
+    start of the neuron and bias perturbations in [-eps, eps], ``noise_steps`` signed ascent steps of eps /
+    noise_steps, then SGD (momentum 0.9) of the masks on alpha * natural + (1 - alpha) * robust loss, clipped to
+    [0, 1]."""
+    conv, rest = net[0], net[1:]
+    channels, eps = conv.out_channels, settings.eps
+    shape = (1, channels, 1, 1)
+    noise_gen = torch.Generator().manual_seed(
+        int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
+    )
+    mask = torch.ones(channels, requires_grad=True)
+    optimizer = torch.optim.SGD([mask], lr=settings.mask_lr, momentum=0.9)
+
+    def loss(m: Tensor, d: Tensor | None = None, d_bias: Tensor | None = None) -> Tensor:
+        out, b = conv(x), conv.bias.detach().view(shape)
+        if d is None:
+            return F.cross_entropy(rest((out - b) * m.view(shape) + b), y)
+        return F.cross_entropy(rest((out - b) * (m + d).view(shape) + b * (1 + d_bias).view(shape)), y)
+
+    with torch.enable_grad():
+        for _ in range(settings.iterations):
+            start = torch.rand(2 * channels, generator=noise_gen) * (2 * eps) - eps
+            d, d_bias = start[:channels].clone(), start[channels:].clone()
+            for _ in range(settings.noise_steps):
+                d.requires_grad_(True)
+                d_bias.requires_grad_(True)
+                g, g_bias = torch.autograd.grad(loss(mask, d, d_bias), [d, d_bias])
+                step = eps / settings.noise_steps
+                d = (d.detach() + step * torch.sign(g)).clamp(-eps, eps)
+                d_bias = (d_bias.detach() + step * torch.sign(g_bias)).clamp(-eps, eps)
+            optimizer.zero_grad()
+            total = settings.alpha * loss(mask) + (1 - settings.alpha) * loss(mask, d, d_bias)
+            total.backward()
+            optimizer.step()
+            with torch.no_grad():
+                mask.clamp_(0.0, 1.0)
+    return mask.detach().tolist()
+
+
+@pytest.mark.parametrize(("alpha", "noise_steps"), [(0.2, 1), (0.7, 3)])
+def test_the_mask_search_is_anps_algorithm_step_by_step(alpha: float, noise_steps: int) -> None:
+    """Masks after a few iterations equal the algorithm written out above: the loss's alpha split, the ascent's
+    step and count, the random start, momentum and clipping are each visible in them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 4, (16,))
+    settings = ANPSettings(eps=0.4, alpha=alpha, iterations=4, mask_lr=0.5, noise_steps=noise_steps, batch_size=None)
+    found = optimize_masks(net, [(x, y)], settings, generator=torch.Generator().manual_seed(3))
+    expected = _reference_anp_masks(net, x, y, settings, seed=3)
+    assert list(found) == ["0"]
+    torch.testing.assert_close(torch.tensor(found["0"]), torch.tensor(expected), rtol=0, atol=1e-6)
+    assert min(expected) < 0.95  # the masks moved: the comparison has something to see
