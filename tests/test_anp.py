@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from backdoor_lab.defenses import DefenderData, DefenseContext
 from backdoor_lab.defenses.anp import (
@@ -563,3 +563,26 @@ def test_the_mask_search_is_anps_algorithm_step_by_step(alpha: float, noise_step
     assert list(found) == ["0"]
     torch.testing.assert_close(torch.tensor(found["0"]), torch.tensor(expected), rtol=0, atol=1e-6)
     assert min(expected) < 0.95  # the masks moved: the comparison has something to see
+
+
+def test_the_search_draws_its_batches_with_replacement_from_its_own_seed() -> None:
+    """``batch_size`` samples per iteration, drawn with replacement by a sampler seeded from the search's seed (+1,
+    apart from the noise's), each handed to ``transfer`` with the search's ``dataloader_idx``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(2, 3))
+    data = DataLoader(TensorDataset(torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10) % 3), batch_size=5)
+    seen: list = []
+
+    def transfer(batch: list, idx: int) -> list:
+        seen.append((batch[0].flatten().long().tolist(), idx))
+        return batch
+
+    settings = ANPSettings(iterations=3, batch_size=4)
+    optimize_masks(net, data, settings, transfer=transfer, generator=torch.Generator().manual_seed(3), dataloader_idx=2)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)))
+    sampler_gen = torch.Generator().manual_seed(seed + 1)
+    order = list(RandomSampler(range(10), replacement=True, num_samples=12, generator=sampler_gen))
+    assert seen == [(order[4 * i : 4 * i + 4], 2) for i in range(3)]
+    with pytest.raises(ValueError) as err:
+        optimize_masks(net, data, settings, batch_to_xy=lambda batch: (batch[0], None, None))
+    assert str(err.value) == "ANP needs labelled clean batches; batch_to_xy returned no targets"
