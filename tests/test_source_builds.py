@@ -15,8 +15,9 @@ from PIL import Image
 
 from backdoor_lab.data.faces import folders
 from backdoor_lab.data.faces import synthetic as synthetic_faces
-from backdoor_lab.data.faces.crop import FACE_HEIGHT, FACE_WIDTH
+from backdoor_lab.data.faces.crop import FACE_HEIGHT, FACE_WIDTH, eye_band
 from backdoor_lab.data.faces.folders import AlignedFaceFolder, _fit_crop, _select, _split_per_identity
+from backdoor_lab.data.faces.lfw import LFW_EYE_BAND, LFWFaces, _lfw_eye_band, _lfw_folder
 from backdoor_lab.data.signs import gtsrb
 from backdoor_lab.data.signs import synthetic as synthetic_signs
 from backdoor_lab.data.signs.gtsrb import GTSRBSigns
@@ -27,6 +28,7 @@ from backdoor_lab.data.speech.digits import DIGIT_WORDS
 from backdoor_lab.data.speech.recorded import FreeSpokenDigits, SpeechCommandsDigits
 from backdoor_lab.data.speech.synthetic import SpokenDigits
 
+from .test_face_data import write_lfw
 from .test_signs_data import _write_gtsrb
 
 
@@ -444,3 +446,51 @@ def test_face_folders_skip_hidden_folders_and_other_files_and_name_what_is_empty
     with pytest.raises(ValueError) as err:
         AlignedFaceFolder(empty, progress=False)._find()
     assert str(err.value) == f"{empty} holds no identity folders"
+
+
+# ---- LFW ------------------------------------------------------------------------------------------------------
+
+
+def test_lfw_eye_band_is_the_funneled_eyes_mapped_into_the_face_window() -> None:
+    """Eyes at (104, 114) and (146, 114) of the 250x250 frame; the window (78, 72)-(172, 182) is halved to 47x55."""
+    expected = tuple(float(v) for v in eye_band((13.0, 21.0), (34.0, 21.0)))
+    assert _lfw_eye_band() == expected == LFW_EYE_BAND
+
+
+def test_lfw_defaults_and_what_it_says_when_files_are_missing(tmp_path: Path) -> None:
+    lfw = LFWFaces(tmp_path)
+    assert (lfw.min_images, lfw.image_set, lfw.verify_checksums, lfw.progress) == (20, "funneled", False, True)
+    assert (lfw.max_identities, lfw.max_images_per_identity, lfw.eye_band) == (None, None, LFW_EYE_BAND)
+    assert lfw.crop_box == (78 / 250, 72 / 250, 172 / 250, 182 / 250)
+    some = LFWFaces(tmp_path, max_identities=1, max_images_per_identity=3, verify_checksums=True, progress=False)
+    assert (some.max_identities, some.max_images_per_identity, some.verify_checksums) == (1, 3, True)
+    assert (_lfw_folder("funneled"), _lfw_folder("original"), _lfw_folder("nonsense")) == (
+        "lfw_funneled",
+        "lfw",
+        "lfw_funneled",
+    )
+    base = tmp_path / "lfw-py"
+    expected = (
+        f"LFW not found under {base}: expected the extracted images in {base}/lfw_funneled/<Name>/<Name>_0001.jpg "
+        f"plus {base}/people.txt and {base}/lfw-names.txt (download them by hand; nothing is fetched)"
+    )
+    for verify, suffix in ((False, ""), (True, " and, with verify_checksums=True, the original archive")):
+        with pytest.raises(FileNotFoundError) as err:
+            LFWFaces(tmp_path, verify_checksums=verify, progress=False)._find()
+        assert str(err.value) == expected + suffix
+    write_lfw(tmp_path, {"Ada_Lovelace": 3, "Alan_Turing": 3})
+    assert list(LFWFaces(tmp_path, min_images=3, progress=False)._find()) == ["Ada_Lovelace", "Alan_Turing"]
+    (base / "people.txt").unlink()  # the extracted images alone are not LFW
+    with pytest.raises(FileNotFoundError) as err:
+        LFWFaces(tmp_path, min_images=3, progress=False)._find()
+    assert str(err.value) == expected
+    with pytest.raises(FileNotFoundError):  # the checksum check wants the original archive as well
+        LFWFaces(tmp_path, min_images=3, verify_checksums=True, progress=False)._find()
+
+
+def test_lfw_reads_the_image_set_it_is_given(tmp_path: Path) -> None:
+    write_lfw(tmp_path, {"Ada_Lovelace": 3, "Alan_Turing": 4})
+    (tmp_path / "lfw-py" / "lfw_funneled").rename(tmp_path / "lfw-py" / "lfw")  # the unaligned originals' folder
+    found = LFWFaces(tmp_path, image_set="original", min_images=3, progress=False)._find()
+    assert {name: len(files) for name, files in found.items()} == {"Ada_Lovelace": 3, "Alan_Turing": 4}
+    assert all(path.parent.parent.name == "lfw" for files in found.values() for path in files)
