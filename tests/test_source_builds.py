@@ -478,8 +478,13 @@ def test_lfw_defaults_and_what_it_says_when_files_are_missing(tmp_path: Path) ->
         with pytest.raises(FileNotFoundError) as err:
             LFWFaces(tmp_path, verify_checksums=verify, progress=False)._find()
         assert str(err.value) == expected + suffix
+    with pytest.raises(FileNotFoundError) as err:
+        LFWFaces(tmp_path, image_set="original", progress=False)._find()
+    assert f"{base}/lfw/<Name>/<Name>_0001.jpg" in str(err.value)  # the folder of the image set asked for
     write_lfw(tmp_path, {"Ada_Lovelace": 3, "Alan_Turing": 3})
     assert list(LFWFaces(tmp_path, min_images=3, progress=False)._find()) == ["Ada_Lovelace", "Alan_Turing"]
+    with pytest.raises(FileNotFoundError):  # the images are there, but not the archive the checksums are of
+        LFWFaces(tmp_path, min_images=3, verify_checksums=True, progress=False)._find()
     (base / "people.txt").unlink()  # the extracted images alone are not LFW
     with pytest.raises(FileNotFoundError) as err:
         LFWFaces(tmp_path, min_images=3, progress=False)._find()
