@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import random
+from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from backdoor_lab.resume import RngStateCheckpoint, collect_rng_states, restore_rng_states
+from backdoor_lab.resume import RngStateCheckpoint, SkippedValidationDraws, collect_rng_states, restore_rng_states
 
 
 def _draws() -> tuple[list[float], list[float], list[float], float]:
@@ -53,3 +56,56 @@ def test_the_callback_saves_the_states_in_every_checkpoint_and_puts_them_back_on
     assert _draws() == first
     callback.on_load_checkpoint(None, None, {})  # a checkpoint without states (an older run) changes nothing
     assert _draws() != first
+
+
+def test_cuda_states_travel_and_come_back_only_to_as_many_devices(monkeypatch) -> None:
+    """The CUDA branch, with torch.cuda's state functions stood in for (no GPU here): states of every device are
+    collected once CUDA is in use, and put back only where the checkpoint's device count matches this machine's."""
+    put_back: list = []
+    cuda_states = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert "torch.cuda" not in collect_rng_states()  # CUDA there but never used: nothing of it to keep
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", put_back.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    states = collect_rng_states()
+    assert states["torch.cuda"] is cuda_states
+    restore_rng_states(states)
+    assert put_back == [cuda_states]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # resumed on another machine: left as it is
+    restore_rng_states(states)
+    restore_rng_states({k: v for k, v in states.items() if k != "torch.cuda"})  # a CPU checkpoint
+    assert put_back == [cuda_states]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    restore_rng_states(states)  # a GPU checkpoint resumed on a CPU
+    assert put_back == [cuda_states]
+
+
+def test_a_skipped_validation_draws_nothing_where_validation_is_off() -> None:
+    """``SkippedValidationDraws`` makes the draws of a validation that would have run, and none where none would
+    (``limit_val_batches=0``) or where the epoch validates anyway."""
+
+    class Data(L.LightningDataModule):
+        def val_dataloader(self) -> list[DataLoader]:
+            return [DataLoader(TensorDataset(torch.zeros(4, 1))) for _ in range(2)]
+
+    def after(limit: float, epoch: int) -> float:
+        callback = SkippedValidationDraws()
+        trainer = SimpleNamespace(
+            callbacks=[callback],
+            check_val_every_n_epoch=2,
+            current_epoch=epoch,
+            datamodule=Data(),
+            limit_val_batches=limit,
+        )
+        torch.manual_seed(0)
+        callback.on_train_epoch_end(trainer, None)
+        return torch.rand(1).item()
+
+    torch.manual_seed(0)
+    untouched = torch.rand(1).item()
+    assert after(1.0, epoch=0) != untouched  # epoch 1 of 2 skips its validation: its two loaders' draws are made
+    assert after(0, epoch=0) == after(1.0, epoch=1) == untouched
