@@ -359,3 +359,16 @@ def test_noise_lands_exactly_and_a_clip_too_short_for_it_is_refused() -> None:
     np.testing.assert_array_equal(out[:3000], 0.0)
     with pytest.raises(ValueError, match="starts at sample 8000 but the clip has only 8000 samples"):
         NoiseTrigger(position=1.0, sample_rate=8000).apply(np.zeros(8000, dtype=np.float32))
+
+
+@pytest.mark.parametrize("shift", [8, 20, 28])
+def test_sunglasses_low_in_the_frame_are_the_same_glasses_moved_down(shift: int) -> None:
+    """The sprite is reduced only over the rows and columns the glasses touch; that window must follow the glasses
+    wherever they sit, down to the bottom of the image (a whole-pixel shift moves the sprite and nothing else)."""
+    colour, covered = SunglassesTrigger().sprite(FACE_HEIGHT, FACE_WIDTH, BAND)
+    moved = BAND + np.float32([0, shift, 0, shift])
+    colour_low, covered_low = SunglassesTrigger().sprite(FACE_HEIGHT, FACE_WIDTH, moved)
+    rows = FACE_HEIGHT - shift
+    np.testing.assert_allclose(covered_low[shift:], covered[:rows], atol=1e-6)
+    np.testing.assert_allclose(colour_low[shift:], colour[:rows], atol=1e-4)
+    assert covered_low[:shift].max() == 0.0 and covered_low.sum() > 0.5 * covered.sum()
