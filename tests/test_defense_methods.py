@@ -13,6 +13,7 @@ import torch
 from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget, PruneSettings
 from backdoor_lab.defenses.methods import NO_FINE_TUNING, FinePruning, FineTuning, NoDefense, Pruning
 from backdoor_lab.defenses.pruning import MASKED_PARAMS
+from backdoor_lab.resume import SkippedValidationDraws
 
 from .test_known_answer import make_trainer, planted_data, planted_model
 from .test_speed import _fine_tuned
@@ -124,6 +125,4 @@ def test_a_second_skipped_validation_draws_callback_draws_nothing() -> None:
     """``speed=exact`` hands the fine-tuning's Trainer its own ``SkippedValidationDraws`` next to the one
     ``fine_tune`` adds: the draws are still made once, so the weights are those of one callback (checked: two
     callbacks drawing twice end on other weights)."""
-    from backdoor_lab.resume import SkippedValidationDraws
-
     assert torch.equal(_fine_tuned(0, SkippedValidationDraws())[1], _fine_tuned(0)[1])

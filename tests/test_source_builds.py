@@ -114,7 +114,7 @@ def test_face_folders_show_a_transient_bar_unless_told_not_to(
     ]
 
 
-def _write_speech_commands(root: Path, speakers: list[str], lists: dict[str, list[str]] | None = None) -> None:
+def _touch_speech_commands(root: Path, speakers: list[str], lists: dict[str, list[str]] | None = None) -> None:
     """Speech Commands' layout with empty files (the audio is stubbed); ``lists``: split -> speakers listed."""
     for word in DIGIT_WORDS:
         (root / word).mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def test_recorded_digits_show_a_bar_from_500_recordings(
     bars: TrackRecorder, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, speakers: int, progress: bool, shown: bool
 ) -> None:
     _silent_audio(monkeypatch)
-    _write_speech_commands(tmp_path, [f"{i:08x}" for i in range(speakers)], {"val": ["00000000"], "test": ["00000001"]})
+    _touch_speech_commands(tmp_path, [f"{i:08x}" for i in range(speakers)], {"val": ["00000000"], "test": ["00000001"]})
     splits = SpeechCommandsDigits(tmp_path, progress=progress).build()
     assert sum(len(s) for s in splits.values()) == 10 * speakers
     assert bars.calls == [{"description": "Reading speech_commands_digits", "disable": not shown}]
@@ -269,7 +269,7 @@ def test_limit_per_class_keeps_a_seeded_subset_of_each_class_in_each_split(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     speakers = [f"{i:08x}" for i in range(10)]
-    _write_speech_commands(tmp_path, speakers, {"val": speakers[:2], "test": speakers[2:4]})
+    _touch_speech_commands(tmp_path, speakers, {"val": speakers[:2], "test": speakers[2:4]})
     everything = SpeechCommandsDigits(tmp_path, split_rule="lists")._index()
     limited = SpeechCommandsDigits(tmp_path, split_rule="lists", limit_per_class=3)._entries
     assert len(everything) == 100 and len(limited) == 10 * (3 + 2 + 2)
@@ -288,7 +288,7 @@ def test_a_class_at_the_limit_draws_nothing(tmp_path: Path) -> None:
     """A class with exactly ``limit_per_class`` recordings is kept whole without a draw, so which recordings the
     next class keeps does not depend on whether the one before had the limit or fewer."""
     speakers = [f"{i:08x}" for i in range(10)]
-    _write_speech_commands(tmp_path, speakers, {"val": speakers[:1], "test": speakers[1:2]})
+    _touch_speech_commands(tmp_path, speakers, {"val": speakers[:1], "test": speakers[1:2]})
     kept = []
     for at_zero in (3, 2):
         for speaker in speakers[2 + at_zero :]:  # "zero" has `at_zero` training recordings, "one" has eight
@@ -302,7 +302,7 @@ def test_a_class_at_the_limit_draws_nothing(tmp_path: Path) -> None:
 def test_speech_commands_lists_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _silent_audio(monkeypatch)
     speakers = [f"{i:08x}" for i in range(4)]
-    _write_speech_commands(tmp_path, speakers, {"val": speakers[:1], "test": speakers[1:2]})
+    _touch_speech_commands(tmp_path, speakers, {"val": speakers[:1], "test": speakers[1:2]})
     splits = SpeechCommandsDigits(tmp_path, split_rule="lists", progress=False).build()
     assert [len(splits[s]) for s in ("train", "val", "test")] == [20, 10, 10]
     assert splits["train"].labels.dtype == splits["train"].groups.dtype == np.int64
@@ -340,7 +340,7 @@ def test_speech_commands_name_what_is_missing(monkeypatch: pytest.MonkeyPatch, t
     )
     (tmp_path / "six" / "take 1.wav").unlink()
     _silent_audio(monkeypatch)
-    _write_speech_commands(tmp_path, ["0000000a", "0000000b"], {"test": ["0000000a"]})  # nobody in val
+    _touch_speech_commands(tmp_path, ["0000000a", "0000000b"], {"test": ["0000000a"]})  # nobody in val
     assert message(tmp_path, ValueError) == (
         f"speech_commands_digits: the val split of {tmp_path} is empty; check the split settings"
     )
@@ -349,7 +349,8 @@ def test_speech_commands_name_what_is_missing(monkeypatch: pytest.MonkeyPatch, t
 # ---- FSDD -----------------------------------------------------------------------------------------------------
 
 
-def _write_fsdd(root: Path, speakers: list[str], takes: range = range(12)) -> Path:
+def _touch_fsdd(root: Path, speakers: list[str], takes: range = range(12)) -> Path:
+    """FSDD's layout with empty files: its split rules read names only (``test_data_pins`` writes real tones)."""
     (root / "recordings").mkdir(parents=True)
     for speaker in speakers:
         for digit in range(10):
@@ -360,7 +361,7 @@ def _write_fsdd(root: Path, speakers: list[str], takes: range = range(12)) -> Pa
 
 def test_fsdd_by_index_is_the_data_sets_rule_extended(tmp_path: Path) -> None:
     """Recordings 0-4 of every speaker and digit are the test split (FSDD's README), 5-9 val, the rest train."""
-    entries = FreeSpokenDigits(_write_fsdd(tmp_path, ["jackson"]))._entries
+    entries = FreeSpokenDigits(_touch_fsdd(tmp_path, ["jackson"]))._entries
     split_of = {path.name: split for path, _, _, split in entries}
     for n, split in ((0, "test"), (4, "test"), (5, "val"), (9, "val"), (10, "train"), (11, "train")):
         assert split_of[f"3_jackson_{n}.wav"] == split, n
@@ -368,7 +369,7 @@ def test_fsdd_by_index_is_the_data_sets_rule_extended(tmp_path: Path) -> None:
 
 def test_fsdd_by_speaker_holds_out_named_or_seeded_speakers(tmp_path: Path) -> None:
     speakers = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
-    root = _write_fsdd(tmp_path, speakers, range(1))
+    root = _touch_fsdd(tmp_path, speakers, range(1))
 
     def held_out(**kwargs) -> tuple[set[str], set[str]]:
         entries = FreeSpokenDigits(root, split_by="speaker", **kwargs)._index()
@@ -402,7 +403,7 @@ def test_fsdd_by_speaker_holds_out_named_or_seeded_speakers(tmp_path: Path) -> N
     ],
 )
 def test_fsdd_by_speaker_refuses_by_name(tmp_path: Path, speakers: list[str], kwargs: dict, message: str) -> None:
-    root = _write_fsdd(tmp_path, speakers, range(1))
+    root = _touch_fsdd(tmp_path, speakers, range(1))
     with pytest.raises(ValueError) as err:
         FreeSpokenDigits(root, split_by="speaker", **kwargs)._index()
     assert str(err.value) == f"free_spoken_digits: {message}"
