@@ -365,7 +365,7 @@ import sys
 import numpy as np
 import backdoor_lab.pipeline as pipeline
 
-def train_model(cfg, run_dir):
+def train_model(cfg, run_dir, tests=None):
     np.zeros(2).reshape(3)  # a ValueError raised inside numpy: a bug, not the user's to fix
 
 pipeline.train_model = train_model

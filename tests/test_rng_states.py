@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from backdoor_lab.resume import RngStateCheckpoint, SkippedValidationDraws, collect_rng_states, restore_rng_states
+from backdoor_lab.resume import (
+    RngStateCheckpoint,
+    SkippedValidationDraws,
+    collect_rng_states,
+    draw_base_seeds,
+    restore_rng_states,
+    torch_draws_between,
+)
 
 
 def _draws() -> tuple[list[float], list[float], list[float], float]:
@@ -109,3 +116,34 @@ def test_a_skipped_validation_draws_nothing_where_validation_is_off() -> None:
     untouched = torch.rand(1).item()
     assert after(1.0, epoch=0) != untouched  # epoch 1 of 2 skips its validation: its two loaders' draws are made
     assert after(0, epoch=0) == after(1.0, epoch=1) == untouched
+
+
+def test_the_draws_of_starting_loaders_are_counted_and_replayed() -> None:
+    """``torch_draws_between`` counts the base seeds that starting DataLoader iterators drew, and
+    ``draw_base_seeds`` makes the same draws: what follows (a shuffle) is then the same. Anything else moved:
+    no count, and the generators are left where they were moved to."""
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=4, shuffle=True)
+    torch.manual_seed(0)
+    before = collect_rng_states()
+    for _ in range(3):
+        iter(loader)
+    after = collect_rng_states()
+    shuffled = [b[0].tolist() for b in loader]
+    assert torch_draws_between(before, after) == 3
+    assert torch.equal(torch.get_rng_state(), after["torch"])  # left as after says
+    restore_rng_states(before)
+    draw_base_seeds(3)
+    assert [b[0].tolist() for b in loader] == shuffled
+    restore_rng_states(before)
+    draw_base_seeds(2)
+    assert [b[0].tolist() for b in loader] != shuffled
+    assert torch_draws_between(before, before) == 0
+    torch.rand(1)  # not a base seed's draw: never reached by whole draws within the bound
+    assert torch_draws_between(before, collect_rng_states(), most=8) is None
+    restore_rng_states(before)
+    np.random.rand()
+    numpy_moved = collect_rng_states()
+    assert torch_draws_between(before, numpy_moved) is None
+    assert np.random.get_state()[2] == numpy_moved["numpy"]["pos"]
+    random.random()
+    assert torch_draws_between(numpy_moved, collect_rng_states()) is None

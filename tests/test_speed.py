@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from backdoor_lab import build
+from backdoor_lab.build import Evaluations
 from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget
 from backdoor_lab.defenses.methods import fine_tune
 from backdoor_lab.defenses.network_split import split_network
@@ -180,3 +182,36 @@ def test_speed_exact_validates_every_5th_epoch_and_trains_the_very_same_weights(
     assert not all(torch.equal(weights["bare"][k], weights["every_epoch"][k]) for k in weights["bare"])
     # so speed=exact reuses (and is reused by) training runs that validate every epoch; the bare switch is its own
     assert keys["exact"] == keys["every_epoch"] != keys["bare"]
+
+
+def test_a_job_tests_the_undefended_weights_once_and_defends_them_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.py`` tested its model when training ended; each defense then tests the same saved weights before
+    it runs, and ``none`` after it: one pass serves them all (``Evaluations``). Each reuse replays the pass's
+    generator draws, so the defenses end on the very weights and numbers of a job that tests every time."""
+    passes: list[str] = []
+    real_evaluate = build.evaluate
+
+    def counted(cfg, model, dm):
+        passes.append(Path(cfg.paths.run_dir).name)
+        return real_evaluate(cfg, model, dm)
+
+    monkeypatch.setattr(build, "evaluate", counted)
+    overrides = [*TINY_SIGNS, "reuse=false", "defenses=[none,fine_tuning,fine_pruning]", "fine_tune.epochs=1"]
+    jobs = {}
+    for name in ("reused", "every_time"):
+        if name == "every_time":
+            monkeypatch.setattr(Evaluations, "remember", lambda self, weights: None)
+        cfg = compose_run("train", tmp_path, name, overrides)
+        train(cfg)
+        jobs[name] = Path(cfg.paths.run_dir)
+    # training's pass, then the passes after fine-tuning and after fine-pruning; testing every time adds 4
+    assert passes.count("reused") == 3 and passes.count("every_time") == 7
+    for defense in ("none", "fine_tuning", "fine_pruning"):
+        reused, every_time = (json.loads((jobs[n] / "defense" / defense / "metrics.json").read_text()) for n in jobs)
+        assert (reused["before"], reused["after"]) == (every_time["before"], every_time["after"]), defense
+        weights = [load_file(str(jobs[n] / "defense" / defense / "defended.safetensors")) for n in jobs]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1]), defense
+    trained = json.loads((jobs["reused"] / "metrics.json").read_text())
+    assert reused["before"] == {"clean_acc": trained["clean_acc"], "asr": trained["asr"]}

@@ -24,6 +24,7 @@ from backdoor_lab.defenses.base import Defense
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.reporting import log_config, wandb_run_settings
 from backdoor_lab.reporting.files import atomic_path
+from backdoor_lab.resume import collect_rng_states, draw_base_seeds, torch_draws_between
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,44 @@ def evaluate(cfg: DictConfig, model: L.LightningModule, dm: BackdoorDataModule) 
     results = trainer.test(model, datamodule=dm, verbose=False)
     merged = {k: v for r in results for k, v in r.items()}
     return {"clean_acc": float(merged["test/clean_acc"]), "asr": float(merged["test/asr"])}
+
+
+class Evaluations:
+    """One job's test passes, where weights the job tests more than once are tested once.
+
+    Every defense tests the undefended checkpoint before it runs, ``none`` tests it again after, and ``train.py``
+    has tested it already when training ended: five passes over the same weights in a job of the paper's sweep.
+    A pass also moves torch's generator (each test loader's iterator draws a base seed), and a defense's
+    fine-tuning shuffles after those draws, so a reused score replays them: the count is taken when the weights
+    are tested, and weights whose pass drew anything else are tested again. The job's numbers stay, bit for bit,
+    those of a job that tests every time (``tests/test_pipeline.py``).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.passes = 0  # test passes run (the rest were reused)
+        self._known: dict[str, tuple[dict[str, float], int]] = {}
+        self._last: tuple[dict[str, float], int | None] | None = None
+
+    def score(self, model: L.LightningModule, dm: BackdoorDataModule, weights: str | None = None) -> dict[str, float]:
+        """``evaluate``'s clean accuracy and ASR; ``weights`` names the weights (a checkpoint's path) where the
+        job may test them again, so that they are tested once."""
+        if weights is not None and weights in self._known:
+            score, draws = self._known[weights]
+            draw_base_seeds(draws)
+            return dict(score)
+        before = collect_rng_states()
+        score = evaluate(self.cfg, model, dm)
+        self.passes += 1
+        self._last = (score, torch_draws_between(before, collect_rng_states()))
+        if weights is not None:
+            self.remember(weights)
+        return dict(score)
+
+    def remember(self, weights: str) -> None:
+        """The weights tested last are ``weights`` as well (the file they were saved to)."""
+        if self._last is not None and self._last[1] is not None:
+            self._known[weights] = (self._last[0], self._last[1])
 
 
 def seed_everything(cfg: DictConfig) -> None:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from backdoor_lab import config_checks
 from backdoor_lab.build import (
+    Evaluations,
     attack_variant,
     build_datamodule,
     build_defense,
@@ -32,7 +33,6 @@ from backdoor_lab.build import (
     close_loggers,
     defense_config,
     defense_names,
-    evaluate,
     job_overrides,
     now,
     output_dir,
@@ -105,8 +105,12 @@ def refuse_used_run_dir(run_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def train_model(cfg: DictConfig, run_dir: Path) -> TrainRun:
-    """Train (baseline or pruning-aware) in ``run_dir``; write model.safetensors, then metrics.json last."""
+def train_model(cfg: DictConfig, run_dir: Path, tests: Evaluations | None = None) -> TrainRun:
+    """Train (baseline or pruning-aware) in ``run_dir``; write model.safetensors, then metrics.json last.
+
+    ``tests`` keeps the final model's test score for the defenses that test the saved weights in this job.
+    """
+    tests = tests or Evaluations(cfg)
     seed_everything(cfg)
     dm = build_datamodule(cfg, fit_on="poisoned")
     log.info("Data: %s", dm.summary)
@@ -125,15 +129,17 @@ def train_model(cfg: DictConfig, run_dir: Path) -> TrainRun:
             return build_trainer(cfg, run_dir / "stages" / stage, callbacks, epochs, loggers)
 
         record = attack.train(
-            model, dm, make_trainer, poison_epochs=cfg.trainer.max_epochs, evaluate=lambda m: evaluate(cfg, m, dm)
+            model, dm, make_trainer, poison_epochs=cfg.trainer.max_epochs, evaluate=lambda m: tests.score(m, dm)
         )
         test = record["stages"]["decoys_reinstated"]
     else:
         trainer = build_trainer(cfg, run_dir, [], cfg.trainer.max_epochs, loggers)
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         # The final model is tested; no model selection on the defender's validation split (no leakage).
-        test = evaluate(cfg, model, dm)
+        test = tests.score(model, dm)
     save_weights(model, run_dir / MODEL_FILE)
+    if not cfg.get("compile"):  # the saved weights are the ones just tested (a compiled net runs other kernels)
+        tests.remember(str(run_dir / MODEL_FILE))
     metrics = {
         "kind": "train",
         "task": task_name(cfg),
@@ -172,10 +178,17 @@ def check_defenses(cfg: DictConfig, names: list[str], num_classes: int) -> list[
     return defenses
 
 
-def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_dir: Path) -> dict[str, Any]:
-    """Apply each defense to a fresh copy of ``run``'s model; each writes ``job_dir/defense/<name>/``."""
+def run_defenses(
+    cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_dir: Path, tests: Evaluations | None = None
+) -> dict[str, Any]:
+    """Apply each defense to a fresh copy of ``run``'s model; each writes ``job_dir/defense/<name>/``.
+
+    The undefended model is tested once per job (``tests``), however many defenses start from it.
+    """
     if not defenses:
         return {}
+    tests = tests or Evaluations(cfg)
+    undefended = str(run.checkpoint)
     seed_everything(cfg)
     dm = build_datamodule(cfg, fit_on="defender_clean")
     defender = DefenderData.of(dm)  # all a defense is handed: the clean val split (and its triggered twin)
@@ -185,7 +198,7 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
         seed_everything(cfg)  # each defense starts from the same state, whatever ran before it
         model = build_model(cfg, dm.num_classes)
         load_weights(model, run.checkpoint)
-        before = evaluate(cfg, model, dm)
+        before = tests.score(model, dm, weights=undefended)
         log.info("Before %s: clean accuracy %.4f, ASR %.4f", defense.name, before["clean_acc"], before["asr"])
         config = {
             **resolved(cfg),
@@ -205,7 +218,7 @@ def run_defenses(cfg: DictConfig, defenses: list[Defense], run: TrainRun, job_di
         started = time.perf_counter()
         record = defense.apply(context)
         record["wall_s"] = round(time.perf_counter() - started, 3)  # the defense's own time, for the table
-        after = evaluate(cfg, model, dm)
+        after = tests.score(model, dm, weights=None if defense.changes_model else undefended)
         log.info("After %s: clean accuracy %.4f, ASR %.4f", defense.name, after["clean_acc"], after["asr"])
         defense.export(model)
         result = write_defense_result(cfg, defense, run, out, before, after, record, config, dm, model)
@@ -328,10 +341,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if found:
                 run = found[0]
                 log.info("Reusing the identical finished training run %s", run.run_dir)
+        tests = Evaluations(cfg)
         if run is None:
-            run = train_model(cfg, job_dir)
+            run = train_model(cfg, job_dir, tests)
         job.update(train_run=run.run_dir)
-        results = run_defenses(cfg, defenses, run, job_dir)
+        results = run_defenses(cfg, defenses, run, job_dir, tests)
     return {"train": run.metrics, "defenses": results, "objective": objective(cfg, run.metrics, results)}
 
 

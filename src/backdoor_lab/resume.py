@@ -68,6 +68,44 @@ def restore_rng_states(states: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def torch_draws_between(before: dict[str, Any], after: dict[str, Any], most: int = 64) -> int | None:
+    """How many base-seed draws (one int64 each, what starting a DataLoader iterator draws) lead from ``before``'s
+    torch generator to ``after``'s, with every other generator unmoved; None if no such count up to ``most``.
+
+    Leaves the generators as ``after`` says. What makes it: a test pass, whose draws a job may replay instead of
+    testing the same weights again (``build.TestPasses``).
+    """
+    others = ("numpy", "python", "torch.cuda")
+    if any(not _same_state(before.get(key), after.get(key)) for key in others):
+        restore_rng_states(after)
+        return None
+    torch.set_rng_state(before["torch"])
+    count = None
+    for draws in range(most + 1):
+        if torch.equal(torch.get_rng_state(), after["torch"]):
+            count = draws
+            break
+        draw_base_seeds(1)
+    restore_rng_states(after)
+    return count
+
+
+def draw_base_seeds(count: int) -> None:
+    """Draw from torch's global generator what starting ``count`` DataLoader iterators draws (a base seed each)."""
+    for _ in range(count):
+        torch.empty((), dtype=torch.int64).random_()
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 class RngStateCheckpoint(Callback):
     """Saves the generators' states in every checkpoint and restores them when a fit resumes from one."""
 

@@ -115,6 +115,8 @@ class Defense(ABC):
     """Defends ``context.model`` in place; returns what its ``metrics.json`` should record."""
 
     name: str = "defense"
+    # False only for a defense that leaves the model as it was (``none``): the job then reuses its test score
+    changes_model: bool = True
 
     def check(self, model: L.LightningModule) -> None:
         """Fail before any work when the defense cannot apply to ``model`` (e.g. an unknown layer)."""

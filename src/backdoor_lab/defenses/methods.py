@@ -62,6 +62,7 @@ class NoDefense(Defense):
     """Measure the checkpoint only: the "Initial" row of the paper's table."""
 
     name = "none"
+    changes_model = False
 
     def apply(self, context: DefenseContext) -> dict[str, Any]:
         return {"pruned_channels": [], "pruned_fraction": 0.0, "fine_tune": NO_FINE_TUNING}
