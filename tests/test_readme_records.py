@@ -210,7 +210,7 @@ def test_the_speed_fast_paper_seed_figures_are_its_records() -> None:
 
 
 def test_the_speed_exact_paper_seed_figures_are_its_records() -> None:
-    """ "took 20 min 6 s. All 24 of its cells are bit-identical": bench/precision_compare.py --identical."""
+    """ "took 19 min 9 s. All 24 of its cells are bit-identical": bench/precision_compare.py --identical."""
     spec = importlib.util.spec_from_file_location("precision_compare", ROOT / "bench/precision_compare.py")
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
