@@ -27,6 +27,7 @@ from backdoor_lab.data.signs.synthetic import SyntheticTrafficSigns
 from backdoor_lab.data.speech.recorded import FreeSpokenDigits, SpeechCommandsDigits
 from backdoor_lab.data.speech.synthetic import SpokenDigits
 
+from .machine import REFERENCE_KIND, cpu_kind
 from .test_face_data import write_folder, write_lfw
 from .test_signs_data import _write_gtsrb
 from .test_speech_data import digit_tone, make_speech_commands, write_wav
@@ -214,6 +215,25 @@ def _pins(source: DataSource, splits: dict[str, RawSplit], cache_name: str) -> d
     return pins
 
 
+# EXPECTED was recorded on tests/machine.py's REFERENCE_KIND of CPU. The rendered signs pass floats through
+# vector kernels on their way to uint8, and another kind rounds a few pixels the other way: its pins, by kind.
+# On a kind with none recorded, the pins that some kind moves are not compared (the rest still are).
+BY_CPU: dict[str, dict[str, dict[str, str]]] = {
+    "x86_64-AuthenticAMD-avx2": {"signs": {"test": "33c0e15bc8a40852", "tensor": "3f6f58fe242ab547"}},
+}
+
+
+def expected_pins(key: str) -> dict[str, str]:
+    """EXPECTED[key] as this kind of CPU computes it."""
+    kind = cpu_kind()
+    if kind == REFERENCE_KIND:
+        return EXPECTED[key]
+    if kind in BY_CPU:
+        return {**EXPECTED[key], **BY_CPU[kind].get(key, {})}
+    moved = {name for pins in BY_CPU.values() for name in pins.get(key, {})}
+    return {name: pin for name, pin in EXPECTED[key].items() if name not in moved}
+
+
 @pytest.mark.parametrize("key", SOURCES)
 def test_source_builds_the_pinned_splits_and_cache_name(key: str, tmp_path: Path, monkeypatch) -> None:
     cache_params: list[dict] = []
@@ -233,7 +253,9 @@ def test_source_builds_the_pinned_splits_and_cache_name(key: str, tmp_path: Path
     portable = {k: "<root>" if v == root else v for k, v in cache_params[0].items()}
     pins = _pins(source, splits, f"{stem}-{digest(portable)}")
     print(f'"{key}": {pins},')
-    assert pins == EXPECTED[key]
+    assert set(pins) == set(EXPECTED[key])
+    expected = expected_pins(key)
+    assert {name: pins[name] for name in expected} == expected
     reread = source.load()  # from the cache file this time
     assert {name: _split_digest(split) for name, split in reread.items()} == {
         name: pins[name] for name in ("train", "val", "test")

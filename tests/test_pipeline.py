@@ -26,6 +26,7 @@ from backdoor_lab.defenses.base import Defense
 from backdoor_lab.pipeline import build_datamodule, build_defense, build_model, defend, train
 
 from .conftest import CONF
+from .machine import REFERENCE_KIND, cpu_kind
 
 TINY_SIGNS = [
     "data.source.train_per_class=12",
@@ -109,8 +110,15 @@ LEARNS = {
 ALL_DEFENSES = "defenses=[none,fine_tuning,pruning,fine_pruning]"
 # The settings the golden metrics were recorded with (tests/golden/tiny_metrics.json).
 GOLDEN_DEFENSE = [ALL_DEFENSES, "fine_tune.epochs=1", "prune.step=8"]
-GOLDEN_FILE = Path(__file__).parent / "golden" / "tiny_metrics.json"
-GOLDEN = json.loads(GOLDEN_FILE.read_text())
+# Recorded per kind of CPU (tests/machine.py): the reference kind's in tiny_metrics.json, others beside it.
+GOLDEN_FILE = (
+    Path(__file__).parent
+    / "golden"
+    / ("tiny_metrics.json" if cpu_kind() == REFERENCE_KIND else f"tiny_metrics.{cpu_kind()}.json")
+)
+GOLDEN = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.is_file() else {}
+# On a kind with no pins of its own, a run equal to the reference kind's still passes (and is reported).
+REFERENCE_GOLDEN = json.loads((GOLDEN_FILE.parent / "tiny_metrics.json").read_text())
 
 
 def compose_run(name: str, root: Path, run: str, overrides: list[str]) -> DictConfig:
@@ -215,7 +223,12 @@ def test_tiny_runs_learn_and_give_the_pinned_metrics(experiment: str, jobs: dict
         GOLDEN[experiment] = pinned
         GOLDEN_FILE.write_text(json.dumps(GOLDEN, indent=1) + "\n")
         pytest.skip(f"re-recorded {experiment} in {GOLDEN_FILE}")
-    assert pinned == GOLDEN[experiment]
+    if experiment not in GOLDEN and pinned != REFERENCE_GOLDEN.get(experiment):
+        pytest.skip(
+            f"no pins recorded for this kind of CPU ({cpu_kind()}; floats sum in another order on each kind): "
+            f"record them with BACKDOOR_LAB_RECORD_GOLDEN=1 on an unchanged commit"
+        )
+    assert pinned == GOLDEN.get(experiment, REFERENCE_GOLDEN.get(experiment))
 
 
 # ----------------------------------------------------------------------------- the protocol
