@@ -111,14 +111,13 @@ ALL_DEFENSES = "defenses=[none,fine_tuning,pruning,fine_pruning]"
 # The settings the golden metrics were recorded with (tests/golden/tiny_metrics.json).
 GOLDEN_DEFENSE = [ALL_DEFENSES, "fine_tune.epochs=1", "prune.step=8"]
 # Recorded per kind of CPU (tests/machine.py): the reference kind's in tiny_metrics.json, others beside it.
-GOLDEN_FILE = (
-    Path(__file__).parent
-    / "golden"
-    / ("tiny_metrics.json" if cpu_kind() == REFERENCE_KIND else f"tiny_metrics.{cpu_kind()}.json")
-)
-GOLDEN = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.is_file() else {}
-# On a kind with no pins of its own, a run equal to the reference kind's still passes (and is reported).
-REFERENCE_GOLDEN = json.loads((GOLDEN_FILE.parent / "tiny_metrics.json").read_text())
+REFERENCE_GOLDEN_FILE = Path(__file__).parent / "golden" / "tiny_metrics.json"
+REFERENCE_GOLDEN = json.loads(REFERENCE_GOLDEN_FILE.read_text())
+if cpu_kind() == REFERENCE_KIND:
+    GOLDEN_FILE, GOLDEN = REFERENCE_GOLDEN_FILE, REFERENCE_GOLDEN
+else:
+    GOLDEN_FILE = REFERENCE_GOLDEN_FILE.with_name(f"tiny_metrics.{cpu_kind()}.json")
+    GOLDEN = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.is_file() else {}
 
 
 def compose_run(name: str, root: Path, run: str, overrides: list[str]) -> DictConfig:
@@ -223,12 +222,15 @@ def test_tiny_runs_learn_and_give_the_pinned_metrics(experiment: str, jobs: dict
         GOLDEN[experiment] = pinned
         GOLDEN_FILE.write_text(json.dumps(GOLDEN, indent=1) + "\n")
         pytest.skip(f"re-recorded {experiment} in {GOLDEN_FILE}")
-    if experiment not in GOLDEN and pinned != REFERENCE_GOLDEN.get(experiment):
-        pytest.skip(
-            f"no pins recorded for this kind of CPU ({cpu_kind()}; floats sum in another order on each kind): "
-            f"record them with BACKDOOR_LAB_RECORD_GOLDEN=1 on an unchanged commit"
-        )
-    assert pinned == GOLDEN.get(experiment, REFERENCE_GOLDEN.get(experiment))
+    expected = GOLDEN.get(experiment)
+    if expected is None:  # no pins of this kind of CPU: a run equal to the reference kind's still passes
+        expected = REFERENCE_GOLDEN[experiment]
+        if pinned != expected:
+            pytest.skip(
+                f"no pins recorded for this kind of CPU ({cpu_kind()}; floats sum in another order on each kind): "
+                f"record them with BACKDOOR_LAB_RECORD_GOLDEN=1 on an unchanged commit"
+            )
+    assert pinned == expected
 
 
 # ----------------------------------------------------------------------------- the protocol
