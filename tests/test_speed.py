@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from backdoor_lab import build
-from backdoor_lab.build import Evaluations
+from backdoor_lab.build import Evaluations, evaluation_key
 from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget
 from backdoor_lab.defenses.methods import fine_tune
 from backdoor_lab.defenses.network_split import split_network
 from backdoor_lab.models.classifier import BackdoorClassifier
-from backdoor_lab.pipeline import build_model, train
+from backdoor_lab.pipeline import build_datamodule, build_model, defend, train
 from backdoor_lab.runs import train_key, training_config
 
 from .test_pipeline import TINY_SIGNS, compose_run
@@ -215,3 +215,68 @@ def test_a_job_tests_the_undefended_weights_once_and_defends_them_bit_for_bit(
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1]), defense
     trained = json.loads((jobs["reused"] / "metrics.json").read_text())
     assert reused["before"] == {"clean_acc": trained["clean_acc"], "asr": trained["asr"]}
+
+
+def test_defend_takes_the_training_runs_test_pass_and_defends_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``defend.py`` on a run trained on this machine reads the undefended score from the run's metrics.json
+    (``test_pass``: its key and generator draws) instead of testing the same weights again, and replays the draws:
+    the defense ends on the weights and numbers of ``reuse=false``, which tests them."""
+    passes: list[str] = []
+    real_evaluate = build.evaluate
+
+    def counted(cfg, model, dm):
+        passes.append(Path(cfg.paths.run_dir).name)
+        return real_evaluate(cfg, model, dm)
+
+    monkeypatch.setattr(build, "evaluate", counted)
+    train_cfg = compose_run("train", tmp_path, "trained", [*TINY_SIGNS, "reuse=false"])
+    train(train_cfg)
+    model_file = Path(train_cfg.paths.run_dir) / "model.safetensors"
+    trained = json.loads((model_file.parent / "metrics.json").read_text())
+    assert trained["test_pass"]["draws"] == 2  # a clean and a triggered test loader, a base seed each
+    jobs = {}
+    for name, reuse in (("reused", True), ("tested", False)):
+        overrides = [*TINY_SIGNS, f"ckpt_path={model_file}", "fine_tune.epochs=1", f"reuse={reuse}"]
+        cfg = compose_run("defend", tmp_path, name, overrides)
+        defend(cfg)
+        jobs[name] = Path(cfg.paths.run_dir) / "defense" / "fine_pruning"
+    assert (passes.count("reused"), passes.count("tested")) == (1, 2)  # after only; before and after
+    reused, tested = (json.loads((jobs[n] / "metrics.json").read_text()) for n in jobs)
+    assert reused["before"] == {"clean_acc": trained["clean_acc"], "asr": trained["asr"]} == tested["before"]
+    assert reused["after"] == tested["after"] and reused["pruned_channels"] == tested["pruned_channels"]
+    weights = [load_file(str(jobs[n] / "defended.safetensors")) for n in jobs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+
+
+def test_the_evaluation_key_moves_with_what_moves_a_test_pass_and_only_with_that(tmp_path: Path) -> None:
+    """The key of a recorded test pass changes with the weights, the test data, the threads and the precision (any
+    of which can change a score's last bits), not with settings a test pass never reads; off the CPU there is none."""
+    cfg = compose_run("defend", tmp_path, "a", TINY_SIGNS)
+    dm = build_datamodule(cfg, fit_on="defender_clean")
+    weights = tmp_path / "model.safetensors"
+    build.save_weights(build_model(cfg, dm.num_classes), weights)
+    key = evaluation_key(cfg, dm, weights)
+    assert key == evaluation_key(cfg, dm, weights)
+    assert key == evaluation_key(
+        compose_run("defend", tmp_path, "b", [*TINY_SIGNS, "trainer.max_epochs=7"]), dm, weights
+    )
+    assert key != evaluation_key(
+        compose_run("defend", tmp_path, "c", [*TINY_SIGNS, "+trainer.precision=bf16-mixed"]), dm, weights
+    )
+    assert key != evaluation_key(
+        compose_run("defend", tmp_path, "d", [*TINY_SIGNS, "data.eval_batch_size=7"]), dm, weights
+    )
+    assert evaluation_key(compose_run("defend", tmp_path, "e", [*TINY_SIGNS, "trainer=gpu"]), dm, weights) is None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert key != evaluation_key(cfg, dm, weights)
+    finally:
+        torch.set_num_threads(threads)
+    other = tmp_path / "other.safetensors"
+    build.save_weights(build_model(cfg, dm.num_classes), other)  # the same net drawn from the generator again
+    assert key != evaluation_key(cfg, dm, other)
+    dm.dataset("test_triggered").tensors[0][0, 0, 0, 0] += 1
+    assert key != evaluation_key(cfg, dm, weights)

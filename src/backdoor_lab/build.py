@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import platform
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -177,6 +180,89 @@ class Evaluations:
         """The weights tested last are ``weights`` as well (the file they were saved to)."""
         if self._last is not None and self._last[1] is not None:
             self._known[weights] = (self._last[0], self._last[1])
+
+    def knows(self, weights: str) -> bool:
+        return weights in self._known
+
+    def record(self, weights: str, key: str | None) -> dict[str, Any] | None:
+        """What metrics.json keeps of the pass over the saved ``weights`` (``key``: ``evaluation_key``), so that a
+        later job on the same machine (``defend.py``, a ``train.py`` reusing the run) need not test them again."""
+        if key is None or weights not in self._known:
+            return None
+        return {"key": key, "draws": self._known[weights][1]}
+
+    def recall(self, weights: str, metrics: dict[str, Any], key: str | None) -> bool:
+        """Take the pass a training run recorded (its ``metrics.json``) over ``weights`` as this job's, where this
+        job's ``key`` is the recorded one: the same weights, test tensors, kernel settings and machine, hence the
+        same numbers to the bit. Returns whether it was taken."""
+        recorded = metrics.get("test_pass") or {}
+        draws = recorded.get("draws")
+        if key is None or recorded.get("key") != key or not isinstance(draws, int) or not 0 <= draws <= 64:
+            return False
+        self._known[weights] = ({"clean_acc": float(metrics["clean_acc"]), "asr": float(metrics["asr"])}, draws)
+        return True
+
+
+# Trainer settings that never reach a test pass's numbers; every other one (an unknown one too) is in its key.
+_NOT_IN_TEST_PASS = frozenset(
+    {
+        "default_root_dir",
+        "max_epochs",
+        "min_epochs",
+        "max_steps",
+        "log_every_n_steps",
+        "check_val_every_n_epoch",
+        "num_sanity_val_steps",
+        "val_check_interval",
+        "limit_train_batches",
+        "limit_val_batches",
+        "accumulate_grad_batches",
+        "gradient_clip_val",
+        "gradient_clip_algorithm",
+        "enable_progress_bar",
+        "enable_model_summary",
+        "enable_checkpointing",
+    }
+)
+
+
+def evaluation_key(cfg: DictConfig, dm: BackdoorDataModule, weights: Path) -> str | None:
+    """All a test pass's numbers depend on, as one digest: the weights file, the test tensors, the settings that
+    choose the kernels (trainer, network, eval batch size, threads) and the machine that runs them (torch, CPU).
+
+    Two processes with one key get the same score to the bit, so the later one may reuse the earlier's. None off
+    the CPU: an accelerator's kernel choice may differ between processes, so there the pass always runs.
+    """
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if str(trainer.get("accelerator", "cpu")) != "cpu":
+        return None
+    digest = hashlib.sha256(Path(weights).read_bytes())
+    for role in ("test_clean", "test_triggered"):
+        for tensor in dm.dataset(role).tensors:
+            digest.update(tensor.contiguous().numpy())
+    settings = {
+        "trainer": {k: v for k, v in trainer.items() if k not in _NOT_IN_TEST_PASS},
+        "model": {k: v for k, v in plain_config(cfg.model).items() if k not in ("optimizer", "scheduler")},
+        "eval_batch_size": cfg.data.eval_batch_size,
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "torch": torch.__version__,
+        "cpu": cpu_identity(),
+    }
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def cpu_identity() -> str:
+    """The CPU's model and instruction sets: the float kernels, and so a score's last bits, follow them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    for line in (cpuinfo.read_text() if cpuinfo.is_file() else "").splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    flags = hashlib.sha256(fields.get("flags", fields.get("Features", "")).encode()).hexdigest()[:12]
+    model = fields.get("model name", platform.processor())
+    return f"{platform.platform()} {model} {torch.backends.cpu.get_cpu_capability()} {flags}"
 
 
 def seed_everything(cfg: DictConfig) -> None:

@@ -33,6 +33,7 @@ from backdoor_lab.build import (
     close_loggers,
     defense_config,
     defense_names,
+    evaluation_key,
     job_overrides,
     now,
     output_dir,
@@ -138,8 +139,10 @@ def train_model(cfg: DictConfig, run_dir: Path, tests: Evaluations | None = None
         # The final model is tested; no model selection on the defender's validation split (no leakage).
         test = tests.score(model, dm)
     save_weights(model, run_dir / MODEL_FILE)
+    test_pass = None
     if not cfg.get("compile"):  # the saved weights are the ones just tested (a compiled net runs other kernels)
         tests.remember(str(run_dir / MODEL_FILE))
+        test_pass = tests.record(str(run_dir / MODEL_FILE), evaluation_key(cfg, dm, run_dir / MODEL_FILE))
     metrics = {
         "kind": "train",
         "task": task_name(cfg),
@@ -157,6 +160,7 @@ def train_model(cfg: DictConfig, run_dir: Path, tests: Evaluations | None = None
         "checkpoint": str(run_dir / MODEL_FILE),
         "run_dir": str(run_dir),
         "wandb_run_id": wandb_run_id(loggers),
+        "test_pass": test_pass,  # lets a later job on this machine reuse the pass (Evaluations.recall)
         "finished": now(),
     }
     log_run_summary(loggers, metrics)
@@ -183,7 +187,8 @@ def run_defenses(
 ) -> dict[str, Any]:
     """Apply each defense to a fresh copy of ``run``'s model; each writes ``job_dir/defense/<name>/``.
 
-    The undefended model is tested once per job (``tests``), however many defenses start from it.
+    The undefended model is tested once per job (``tests``), however many defenses start from it, and not at all
+    where its training run tested the same weights on the same test data, settings and machine (``reuse``).
     """
     if not defenses:
         return {}
@@ -192,6 +197,9 @@ def run_defenses(
     seed_everything(cfg)
     dm = build_datamodule(cfg, fit_on="defender_clean")
     defender = DefenderData.of(dm)  # all a defense is handed: the clean val split (and its triggered twin)
+    reusable = cfg.get("reuse", True) and not tests.knows(undefended)
+    if reusable and tests.recall(undefended, run.metrics, evaluation_key(cfg, dm, run.checkpoint)):
+        log.info("The undefended model's test score is its training run's: same weights, data, settings, CPU")
     results = {}
     for defense in defenses:
         out = job_dir / "defense" / defense.name
