@@ -145,6 +145,8 @@ def main() -> None:
         work = fine_tune_s + eval_s
         after_start = (defend_s - (defend_start or 0.0)) / work
         print(f"| {label} | {work:.1f} s | {defend_s / work:.2f}x | {after_start:.2f}x |")
+    reused = "test score is its training run's" in out
+    print(f"defend.py's undefended score: {'its training run' + chr(39) + 's test pass' if reused else 'tested'}")
     after = re.findall(r"After fine_pruning: clean accuracy ([0-9.]+), ASR ([0-9.]+)", out)
     if after:
         print(f"fine_pruning after: clean {after[-1][0]}, ASR {after[-1][1]}")
