@@ -145,3 +145,23 @@ def test_a_logger_that_cannot_hold_media_is_skipped(tmp_path: Path) -> None:
     log_defense_result(csv_only, METRICS, tmp_path / "absent.png")  # no W&B run: table, plot, image skipped
     log_defense_result(None, METRICS)
     assert (tmp_path / "csv" / "metrics.csv").read_text().startswith("defense/pruned_fraction,")
+
+
+def test_a_job_that_fails_closes_its_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed job of a sweep must not leave its W&B run open for the next job to log into (``task_wrapper``)."""
+    from omegaconf import OmegaConf
+
+    from backdoor_lab.pipeline import task_wrapper
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    @task_wrapper
+    def job(cfg: object) -> dict:
+        wandb.init(project="backdoor_lab", dir=str(tmp_path))
+        assert wandb.run is not None
+        raise RuntimeError("a bug in the job")
+
+    with pytest.raises(RuntimeError, match="a bug in the job"):
+        job(OmegaConf.create({}))
+    assert wandb.run is None
+    wandb.teardown()

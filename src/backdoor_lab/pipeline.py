@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,13 +85,9 @@ def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dic
                 raise
             raise report from err
         finally:
-            try:
-                import wandb
-
-                if wandb.run is not None:
-                    wandb.finish()
-            except ImportError:
-                pass
+            wandb = sys.modules.get("wandb")  # never imported here: a job that did not use it has no run to close
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                wandb.finish()
 
     return wrapped
 

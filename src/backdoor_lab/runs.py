@@ -50,7 +50,8 @@ MODEL_FILE = "model.safetensors"
 
 def training_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved, flattened training config: what decides the trained weights."""
-    nodes = {name: OmegaConf.to_container(cfg, resolve=True).get(name) for name in TRAINING_NODES}
+    whole = OmegaConf.to_container(cfg, resolve=True)  # resolved once: each resolution walks the whole config
+    nodes = {name: whole.get(name) for name in TRAINING_NODES}
     flat = flatten(nodes)
     ignored = (*NOT_TRAINING, *(VALIDATION_PERIOD if keeps_validation_draws(cfg) else ()))
     return {k: v for k, v in sorted(flat.items()) if not any(k == n or k.startswith(n + ".") for n in ignored)}
