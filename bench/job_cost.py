@@ -98,6 +98,13 @@ def epochs(output: str) -> tuple[float, int]:
     return sum(float(s) for s, _ in found), sum(int(n) for _, n in found)
 
 
+def import_seconds(module: str, env: dict[str, str]) -> float:
+    """Wall seconds of a fresh ``python -c 'import <module>'``: what any script using it pays before its first line."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {module}"], env=env, check=True)
+    return time.perf_counter() - started
+
+
 def one_round(common: list[str], ckpt: str, env: dict[str, str]) -> dict[str, float]:
     """``train.py`` for one epoch, ``defend.py`` on ``ckpt``, then the defense's arithmetic as plain PyTorch."""
     train_s, train_start, train_out = run("train.py", [*common, "trainer.max_epochs=1", "reuse=false"], env)
@@ -105,9 +112,7 @@ def one_round(common: list[str], ckpt: str, env: dict[str, str]) -> dict[str, fl
     plain_ft_s, ft_samples, eval_s, eval_samples = arithmetic(
         [o for o in common if not o.startswith(("paths.", "+callbacks.", "callbacks."))]
     )
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import lightning.pytorch"], env=env, check=True)
-    import_floor_s = time.perf_counter() - started  # what any Lightning script pays before its first line
+    import_floor_s = min(import_seconds("lightning.pytorch", env) for _ in range(3))
     train_steps_s, train_samples = epochs(train_out)
     defend_steps_s, defend_samples = epochs(out)
     if defend_samples != ft_samples:
@@ -200,8 +205,9 @@ def main() -> None:
         )
     beyond = statistics.median((r["defend_s"] - r["import_floor_s"]) / (r["own_s"] + r["eval_s"]) for r in rounds)
     print(
-        f"\nStart-up: `python -c 'import lightning.pytorch'` alone takes {med['import_floor_s']:.2f} s (Lightning, "
-        f"torch, torchmetrics); defend.py's {med['defend_start']:.2f} s to its first fit is that plus the rest. "
+        f"\nStart-up: `python -c 'import lightning.pytorch'` alone takes {med['import_floor_s']:.2f} s "
+        f"(the least of 3; Lightning, torch, torchmetrics); defend.py's {med['defend_start']:.2f} s to its first "
+        "fit is that plus the rest. "
         f"defend.py less that import, against its arithmetic at its own steps' speed: {beyond:.2f}x"
     )
     print(f"fine_pruning after: clean {med['after_clean']:.4f}, ASR {med['after_asr']:.4f}")
