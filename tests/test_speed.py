@@ -59,7 +59,8 @@ def test_channels_last_is_the_same_network_in_another_memory_order(experiment: s
 
 
 def test_speed_fast_trains_and_defends_and_saves_plain_weights(tmp_path: Path) -> None:
-    cfg = compose_run("train", tmp_path, "fast", [*TINY_SIGNS, "speed=fast", "defenses=[fine_pruning]"])
+    overrides = [*TINY_SIGNS, "speed=fast", "defenses=[fine_pruning]", "fine_tune.epochs=2"]
+    cfg = compose_run("train", tmp_path, "fast", overrides)
     result = train(cfg)
     job = Path(cfg.paths.run_dir)
     assert json.loads((job / "metrics.json").read_text())["config"]["trainer"]["precision"] == "bf16-mixed"
