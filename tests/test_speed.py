@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -281,3 +282,26 @@ def test_the_evaluation_key_moves_with_what_moves_a_test_pass_and_only_with_that
     assert key != evaluation_key(cfg, dm, other)
     dm.dataset("test_triggered").tensors[0][0, 0, 0, 0] += 1
     assert key != evaluation_key(cfg, dm, weights)
+
+
+def test_a_recorded_test_pass_is_taken_only_whole_and_under_this_jobs_key() -> None:
+    """A record with another key, no key, a damaged draw count or score is not taken (the weights are tested);
+    a taken one gives the recorded score and makes the pass's draws from torch's generator."""
+    tests = Evaluations(OmegaConf.create({}))
+    good = {"clean_acc": 0.9, "asr": 0.1, "test_pass": {"key": "k", "draws": 2}}
+    assert not tests.recall("w", good, "another key")
+    assert not tests.recall("w", good, None)
+    assert not tests.recall("w", {**good, "test_pass": {"key": "k", "draws": -1}}, "k")
+    assert not tests.recall("w", {**good, "test_pass": {"key": "k", "draws": "2"}}, "k")
+    assert not tests.recall("w", {**good, "asr": None}, "k")
+    assert not tests.recall("w", {"clean_acc": 0.9, "asr": 0.1}, "k")  # a run from before the record existed
+    assert not tests.knows("w")
+    assert tests.recall("w", good, "k") and tests.knows("w")
+    torch.manual_seed(3)
+    assert tests.score(None, None, weights="w") == {"clean_acc": 0.9, "asr": 0.1}
+    after_reuse = torch.get_rng_state()
+    torch.manual_seed(3)
+    for _ in range(2):  # what starting two DataLoader iterators draws
+        torch.empty((), dtype=torch.int64).random_()
+    assert torch.equal(after_reuse, torch.get_rng_state())
+    assert tests.passes == 0

@@ -199,6 +199,8 @@ class Evaluations:
         draws = recorded.get("draws")
         if key is None or recorded.get("key") != key or not isinstance(draws, int) or not 0 <= draws <= 64:
             return False
+        if not all(isinstance(metrics.get(name), int | float) for name in ("clean_acc", "asr")):
+            return False  # a damaged record: test again
         self._known[weights] = ({"clean_acc": float(metrics["clean_acc"]), "asr": float(metrics["asr"])}, draws)
         return True
 
