@@ -34,13 +34,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from train_throughput import plain_steps  # noqa: E402  (bench/, beside this script)
 
 from backdoor_lab import CONF_DIR  # noqa: E402
 from backdoor_lab.build import build_datamodule, build_model  # noqa: E402
@@ -72,16 +73,7 @@ def arithmetic(overrides: list[str]) -> tuple[float, int, float, int]:
     net = build_model(cfg, dm.num_classes).net
     opt = instantiate(cfg.fine_tune.optimizer)(params=net.parameters())
     loader = DataLoader(dm.dataset("defender_clean"), batch_size=cfg.data.batch_size, shuffle=True)
-    net.train()
-    steps, start = 0, time.perf_counter()
-    for _ in range(cfg.fine_tune.epochs):
-        for x, y, *_ in loader:
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += len(y)
-    fine_tune_s = time.perf_counter() - start
+    fine_tune_s, steps, _ = plain_steps(net, opt, loader, cfg.fine_tune.epochs, torch.device("cpu"))
     net.eval()
     evaluated, start = 0, time.perf_counter()
     with torch.no_grad():

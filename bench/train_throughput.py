@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from backdoor_lab import CONF_DIR  # noqa: E402
 from backdoor_lab.build import build_datamodule, build_model, build_trainer  # noqa: E402
+from backdoor_lab.machine import cpu_fields, cpu_flags  # noqa: E402
 
 TASKS = ["signs_badnets", "speech_noise", "face_sunglasses"]
 
@@ -69,6 +70,19 @@ def plain_loop(
         net.compile()  # in place: the module keeps its names (and state_dict keys)
     opt = instantiate(cfg.model.optimizer)(params=net.parameters())
     loader = DataLoader(dm.dataset(dm.fit_on), batch_size=cfg.data.batch_size, shuffle=True)
+    return plain_steps(net, opt, loader, epochs, device, fast)
+
+
+def plain_steps(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    loader: DataLoader,
+    epochs: int,
+    device: torch.device,
+    fast: bool = False,
+) -> tuple[float, int, list[float]]:
+    """``epochs`` of ``loss.backward(); opt.step()`` over ``loader`` and nothing else: (wall seconds, samples
+    trained, each epoch's seconds). ``fast``: bf16 autocast and channels-last inputs."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else nullcontext()
     net.train()
     samples = 0
@@ -118,8 +132,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     trainer_extra = ["trainer=gpu"] if args.accelerator == "gpu" else []
-    cpu = platform.processor() or platform.machine()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
+    flags = cpu_flags()
     bf16 = "amx_bf16" in flags and "AMX" or "avx512_bf16" in flags and "AVX512-BF16" or "none"
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
     print(f"device: {device.type} ({name}); CPU bf16 instructions: {bf16}; torch {torch.__version__}")

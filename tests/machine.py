@@ -8,8 +8,8 @@ another last bit of some sign images than an AMX Intel one). Pins are therefore 
 from __future__ import annotations
 
 import platform
-from functools import cache
-from pathlib import Path
+
+from backdoor_lab.machine import cpu_fields, cpu_flags
 
 # Widest first: the first a CPU has names its kind.
 VECTOR_UNITS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "asimd")
@@ -17,18 +17,8 @@ VECTOR_UNITS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "asimd")
 REFERENCE_KIND = "x86_64-GenuineIntel-amx_bf16"
 
 
-@cache
 def cpu_kind() -> str:
     """``<machine>-<vendor>-<widest vector unit>``, e.g. ``x86_64-AuthenticAMD-avx2``."""
-    vendor, flags = "unknown", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "vendor_id":
-                vendor = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
+    flags = cpu_flags()
     unit = next((u for u in VECTOR_UNITS if u in flags), "plain")
-    return f"{platform.machine()}-{vendor}-{unit}"
+    return f"{platform.machine()}-{cpu_fields().get('vendor_id', 'unknown')}-{unit}"

@@ -186,20 +186,26 @@ def test_speed_exact_validates_every_5th_epoch_and_trains_the_very_same_weights(
     assert keys["exact"] == keys["every_epoch"] != keys["bare"]
 
 
+@pytest.fixture
+def passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The test passes run from here on, each named by its job's folder."""
+    names: list[str] = []
+    real_evaluate = build.evaluate
+
+    def counted(cfg, model, dm):
+        names.append(Path(cfg.paths.run_dir).name)
+        return real_evaluate(cfg, model, dm)
+
+    monkeypatch.setattr(build, "evaluate", counted)
+    return names
+
+
 def test_a_job_tests_the_undefended_weights_once_and_defends_them_bit_for_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: list[str]
 ) -> None:
     """``train.py`` tested its model when training ended; each defense then tests the same saved weights before
     it runs, and ``none`` after it: one pass serves them all (``Evaluations``). Each reuse replays the pass's
     generator draws, so the defenses end on the very weights and numbers of a job that tests every time."""
-    passes: list[str] = []
-    real_evaluate = build.evaluate
-
-    def counted(cfg, model, dm):
-        passes.append(Path(cfg.paths.run_dir).name)
-        return real_evaluate(cfg, model, dm)
-
-    monkeypatch.setattr(build, "evaluate", counted)
     overrides = [*TINY_SIGNS, "reuse=false", "defenses=[none,fine_tuning,fine_pruning]", "fine_tune.epochs=1"]
     jobs = {}
     for name in ("reused", "every_time"):
@@ -219,20 +225,10 @@ def test_a_job_tests_the_undefended_weights_once_and_defends_them_bit_for_bit(
     assert reused["before"] == {"clean_acc": trained["clean_acc"], "asr": trained["asr"]}
 
 
-def test_defend_takes_the_training_runs_test_pass_and_defends_bit_for_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_defend_takes_the_training_runs_test_pass_and_defends_bit_for_bit(tmp_path: Path, passes: list[str]) -> None:
     """``defend.py`` on a run trained on this machine reads the undefended score from the run's metrics.json
     (``test_pass``: its key and generator draws) instead of testing the same weights again, and replays the draws:
     the defense ends on the weights and numbers of ``reuse=false``, which tests them."""
-    passes: list[str] = []
-    real_evaluate = build.evaluate
-
-    def counted(cfg, model, dm):
-        passes.append(Path(cfg.paths.run_dir).name)
-        return real_evaluate(cfg, model, dm)
-
-    monkeypatch.setattr(build, "evaluate", counted)
     train_cfg = compose_run("train", tmp_path, "trained", [*TINY_SIGNS, "reuse=false"])
     train(train_cfg)
     model_file = Path(train_cfg.paths.run_dir) / "model.safetensors"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from backdoor_lab import CONF_DIR
 from backdoor_lab.data.module import BackdoorDataModule
 from backdoor_lab.defenses.base import Defense
+from backdoor_lab.machine import cpu_identity
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.reporting import log_config, wandb_run_settings
 from backdoor_lab.reporting.files import atomic_path
@@ -253,18 +253,6 @@ def evaluation_key(cfg: DictConfig, dm: BackdoorDataModule, weights: Path) -> st
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
-
-
-def cpu_identity() -> str:
-    """The CPU's model and instruction sets: the float kernels, and so a score's last bits, follow them."""
-    cpuinfo = Path("/proc/cpuinfo")
-    fields: dict[str, str] = {}
-    for line in (cpuinfo.read_text() if cpuinfo.is_file() else "").splitlines():
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip(), value.strip())
-    flags = hashlib.sha256(fields.get("flags", fields.get("Features", "")).encode()).hexdigest()[:12]
-    model = fields.get("model name", platform.processor())
-    return f"{platform.platform()} {model} {torch.backends.cpu.get_cpu_capability()} {flags}"
 
 
 def seed_everything(cfg: DictConfig) -> None:
