@@ -23,6 +23,7 @@ trained first at full length (as ``python train.py`` does, ~2-3 min).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import re
@@ -90,10 +91,14 @@ def epochs(output: str) -> tuple[float, int]:
     return sum(float(s) for s, _ in found), sum(int(n) for _, n in found)
 
 
-def import_seconds(module: str, env: dict[str, str]) -> float:
-    """Wall seconds of a fresh ``python -c 'import <module>'``: what any script using it pays before its first line."""
+PLAIN_IMPORT = "import lightning.pytorch"
+SCRIPTS_IMPORT = "from backdoor_lab.cli import start_script; start_script()"
+
+
+def import_seconds(code: str, env: dict[str, str]) -> float:
+    """Wall seconds of a fresh ``python -c <code>``, exit included: what a script pays for its imports."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {module}"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
     return time.perf_counter() - started
 
 
@@ -104,7 +109,8 @@ def one_round(common: list[str], ckpt: str, env: dict[str, str]) -> dict[str, fl
     plain_ft_s, ft_samples, eval_s, eval_samples = arithmetic(
         [o for o in common if not o.startswith(("paths.", "+callbacks.", "callbacks."))]
     )
-    import_floor_s = min(import_seconds("lightning.pytorch", env) for _ in range(3))
+    import_floor_s = min(import_seconds(PLAIN_IMPORT, env) for _ in range(3))
+    scripts_import_s = min(import_seconds(SCRIPTS_IMPORT, env) for _ in range(3))
     train_steps_s, train_samples = epochs(train_out)
     defend_steps_s, defend_samples = epochs(out)
     if defend_samples != ft_samples:
@@ -116,6 +122,7 @@ def one_round(common: list[str], ckpt: str, env: dict[str, str]) -> dict[str, fl
         "defend_s": defend_s,
         "defend_start": defend_start or 0.0,
         "import_floor_s": import_floor_s,
+        "scripts_import_s": scripts_import_s,
         "samples": ft_samples,
         "eval_s": eval_s,
         "eval_samples": eval_samples,
@@ -169,6 +176,8 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} cores, {threads} torch threads; torch {torch.__version__}")
+    if importlib.util.find_spec("scipy") is not None:  # torchmetrics then imports scipy.signal: ~1 s more
+        print("scipy is installed (optuna, of the `sweeps` extra, brings it; `pip install -e .[dev]` does not)")
     print(f"{len(rounds)} round(s); medians. defend.py's undefended score: ", end="")
     print("its training run's test pass" if med["reused"] else "tested in the job")
     print("\n| command | wall | start-up to the first fit | vs train.py 1 epoch |\n|---|---|---|---|")
@@ -195,12 +204,13 @@ def main() -> None:
             f"| {label} ({rate:.0f} samples/s) | {med[key]:.1f} s | {med[key] + med['eval_s']:.1f} s "
             f"| {ratio:.2f}x | {after:.2f}x |"
         )
-    beyond = statistics.median((r["defend_s"] - r["import_floor_s"]) / (r["own_s"] + r["eval_s"]) for r in rounds)
+    beyond = statistics.median((r["defend_s"] - r["scripts_import_s"]) / (r["own_s"] + r["eval_s"]) for r in rounds)
     print(
-        f"\nStart-up: `python -c 'import lightning.pytorch'` alone takes {med['import_floor_s']:.2f} s "
-        f"(the least of 3; Lightning, torch, torchmetrics); defend.py's {med['defend_start']:.2f} s to its first "
-        "fit is that plus the rest. "
-        f"defend.py less that import, against its arithmetic at its own steps' speed: {beyond:.2f}x"
+        f"\nStart-up: a fresh `python -c '{PLAIN_IMPORT}'` takes {med['import_floor_s']:.2f} s and "
+        f"`python -c '{SCRIPTS_IMPORT}'` (the scripts' import: the collector paused, the heap frozen) "
+        f"{med['scripts_import_s']:.2f} s, each the least of 3 with its exit; defend.py's {med['defend_start']:.2f} s "
+        "to its first fit is the latter plus the rest. "
+        f"defend.py less the scripts' import, against its arithmetic at its own steps' speed: {beyond:.2f}x"
     )
     print(f"fine_pruning after: clean {med['after_clean']:.4f}, ASR {med['after_asr']:.4f}")
 

@@ -22,15 +22,15 @@ SGD = partial(torch.optim.SGD, lr=0.1)
         ({"epochs": 1.5}, "fine_tune.epochs must be an integer >= 0, got 1.5"),
         (
             {"val_every_n_epochs": -1},
-            "fine_tune.val_every_n_epochs must be an integer >= 0 (0: after the last epoch), got -1",
+            "fine_tune.val_every_n_epochs must be an integer >= 0 (0: never), got -1",
         ),
         (
             {"val_every_n_epochs": 2.0},
-            "fine_tune.val_every_n_epochs must be an integer >= 0 (0: after the last epoch), got 2.0",
+            "fine_tune.val_every_n_epochs must be an integer >= 0 (0: never), got 2.0",
         ),
         (
             {"val_every_n_epochs": False},
-            "fine_tune.val_every_n_epochs must be an integer >= 0 (0: after the last epoch), got False",
+            "fine_tune.val_every_n_epochs must be an integer >= 0 (0: never), got False",
         ),
     ],
 )
@@ -40,10 +40,11 @@ def test_the_budget_refuses_bad_counts_by_name(kwargs: dict, message: str) -> No
     assert str(err.value) == message
 
 
-def test_the_validation_period_is_the_budgets_or_the_last_epoch() -> None:
-    assert FineTuneBudget(epochs=0, optimizer=SGD).val_period() == 1  # zero epochs: a period of one, never 0
-    assert FineTuneBudget(epochs=1, optimizer=SGD).val_period() == 1
-    assert FineTuneBudget(epochs=7, optimizer=SGD).val_period() == 7
+def test_the_validation_period_is_the_budgets_or_past_the_last_epoch() -> None:
+    assert FineTuneBudget(epochs=0, optimizer=SGD).val_period() == 1  # a period is >= 1, never 0
+    assert FineTuneBudget(epochs=1, optimizer=SGD).val_period() == 2
+    assert FineTuneBudget(epochs=7, optimizer=SGD).val_period() == 8
+    assert FineTuneBudget(epochs=7, optimizer=SGD, val_every_n_epochs=7).val_period() == 7
     assert FineTuneBudget(epochs=7, optimizer=SGD, val_every_n_epochs=2).val_period() == 2
 
 

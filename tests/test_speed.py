@@ -6,6 +6,8 @@ The speed itself is measured by ``bench/train_throughput.py`` (docs/benchmarks.m
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -85,8 +87,9 @@ class CountValidation(Callback):
             self.at_epochs.append(trainer.current_epoch)
 
 
-def _fine_tuned(every: int, counter: Callback | None = None) -> tuple[dict, torch.Tensor]:
-    """A tiny model fine-tuned 4 epochs through ``fine_tune``: its record and its final weights."""
+def _fine_tuned(every: int, counter: Callback | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A tiny model fine-tuned 4 epochs through ``fine_tune``: its record, its final weights, and torch's generator
+    state after the fit (what the test pass and the next defense start from)."""
     torch.manual_seed(0)
     model = BackdoorClassifier(
         nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
@@ -102,26 +105,28 @@ def _fine_tuned(every: int, counter: Callback | None = None) -> tuple[dict, torc
     torch.manual_seed(5)
     context = DefenseContext(model, data, lambda cbs, n: quiet_trainer(None, cbs, n))
     record = fine_tune(context, budget, [counter] if counter else [])
-    return record, torch.cat([p.detach().flatten() for p in model.parameters()])
+    return record, torch.cat([p.detach().flatten() for p in model.parameters()]), torch.get_rng_state()
 
 
-@pytest.mark.parametrize("every, expected", [(0, [3]), (1, [0, 1, 2, 3]), (2, [1, 3])])
+@pytest.mark.parametrize("every, expected", [(0, []), (1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])
 def test_the_fine_tuning_validates_as_often_as_its_budget_says(every: int, expected: list[int]) -> None:
-    """Validation during the defense's fine-tuning is monitoring only: by default once, after the last epoch, and
-    never a sanity pass, whatever Trainer the factory builds (one that would validate every epoch here)."""
+    """Validation during the defense's fine-tuning is monitoring only (it trains on that split): by default never,
+    and never a sanity pass, whatever Trainer the factory builds (one that would validate every epoch here)."""
     counter = CountValidation()
-    record, _ = _fine_tuned(every, counter)
+    record, _, _ = _fine_tuned(every, counter)
     assert record["steps"] == 16 and counter.at_epochs == expected and counter.sanity == 0
     with pytest.raises(ValueError, match="val_every_n_epochs"):
         FineTuneBudget(epochs=4, optimizer=partial(torch.optim.SGD, lr=0.1), val_every_n_epochs=-1)
 
 
-def test_validating_less_often_ends_on_the_same_weights() -> None:
+def test_validating_less_often_ends_on_the_same_weights_and_generator() -> None:
     """A skipped validation still draws what it would have drawn from torch's generator (``SkippedValidationDraws``):
-    without it the later epochs would shuffle differently and the weights would differ (checked: they do)."""
-    _, every_epoch = _fine_tuned(1)
-    for every in (0, 2, 3):
-        assert torch.equal(_fine_tuned(every)[1], every_epoch), every
+    without it the later epochs would shuffle differently and the weights would differ (checked: they do). Never
+    validating also skips the last epoch's pass, and leaves the generator where validating after it did."""
+    _, every_epoch, generator = _fine_tuned(1)
+    for every in (0, 2, 3, 4):
+        _, weights, after = _fine_tuned(every)
+        assert torch.equal(weights, every_epoch) and torch.equal(after, generator), every
 
 
 def test_compile_trains_through_the_compiled_network_and_keeps_the_weights_names(
@@ -301,3 +306,39 @@ def test_a_recorded_test_pass_is_taken_only_whole_and_under_this_jobs_key() -> N
         torch.empty((), dtype=torch.int64).random_()
     assert torch.equal(after_reuse, torch.get_rng_state())
     assert tests.passes == 0
+
+
+SCRIPT_START = """
+import atexit, gc, sys
+walked = []
+gc.callbacks.append(lambda phase, info: phase == "start" and walked.append(info["generation"]))
+atexit.register(lambda: print("frozen at the very end", gc.get_freeze_count() - after_start, flush=True))
+from backdoor_lab.cli import start_script
+walked.clear()
+start_script()
+after_start = gc.get_freeze_count()
+print("collections during the import", len(walked), "lightning", "lightning.pytorch" in sys.modules)
+print("frozen by the import", after_start, "collecting", gc.isenabled())
+class Cycle:
+    pass
+for _ in range(3):
+    a, b = Cycle(), Cycle()
+    a.other, b.other = b, a
+del a, b
+print("the job's own cycles still collected", gc.collect())
+kept = [Cycle() for _ in range(20000)]
+"""
+
+
+def test_a_script_imports_without_collecting_and_leaves_its_heap_frozen_for_the_exit() -> None:
+    """``train.py``/``defend.py`` start: Lightning's import walks no collection (1,000 of them cost 0.5-1 s, and the
+    full one after it 1 s), what it made is frozen out of later collections, the job's own garbage is still
+    collected, and the heap is frozen again after every atexit handler (the teardown then walks nothing: 1.3 s)."""
+    done = subprocess.run([sys.executable, "-c", SCRIPT_START], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert out[0] == "collections during the import 0 lightning True"
+    frozen, collecting = out[1].removeprefix("frozen by the import ").split(" collecting ")
+    assert int(frozen) > 200_000 and collecting == "True"
+    assert int(out[2].removeprefix("the job's own cycles still collected ")) >= 6
+    assert int(out[3].removeprefix("frozen at the very end ")) > 10_000  # the job's 20,000 too, at exit

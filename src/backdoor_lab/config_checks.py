@@ -80,7 +80,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "prune.max_batches": ("an integer >= 1, or null (every batch)", _optional(lambda v: _integer(v) and v >= 1)),
     "fine_tune.epochs": ("an integer >= 0", lambda v: _integer(v) and v >= 0),
     "fine_tune.val_every_n_epochs": (
-        "an integer >= 0 (0: after the last epoch only)",
+        "an integer >= 0 (0: never)",
         lambda v: _integer(v) and v >= 0,
     ),
     "attack.poison_rate": ("in (0, 1] (a fraction of the eligible samples)", lambda v: _number(v) and 0 < v <= 1),
