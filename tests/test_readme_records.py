@@ -224,3 +224,19 @@ def test_the_speed_exact_paper_seed_figures_are_its_records() -> None:
         json.loads(p.read_text())["overrides"][3:6] == ["reuse=False", "speed=exact", "threads=1"]
         for p in exact.glob("*/job.json")
     )
+
+
+def test_the_defense_job_ratios_quoted_are_the_job_cost_record() -> None:
+    """ "1.18x its own arithmetic ... 1.04x once the script has imported": the job_cost run the record folder names."""
+    folder = ROOT / "docs/results/job_cost_2026-12-04"
+    named = re.search(r"come from `(round_set_\S+\.txt)`", " ".join((folder / "README.md").read_text().split()))
+    assert named, "docs/results/job_cost_2026-12-04/README.md names the run the README quotes"
+    record = (folder / named[1]).read_text()
+    own = re.search(r"^\| its own steps' speed \(\d+ samples/s\) \| [^|]+\| [^|]+\| (\S+x) \| (\S+x) \|$", record, re.M)
+    imported = re.search(r"less the scripts' import, against its arithmetic at its own steps' speed: (\S+x)\n", record)
+    assert own and imported, named[1]
+    text = " ".join(README.split())
+    assert f"takes {own[1]} its own arithmetic" in text
+    assert f"and {imported[1]} once the script has imported" in text
+    bench = " ".join((ROOT / "docs/benchmarks.md").read_text().split())
+    assert f"| **{own[1]}** (rounds:" in bench and f"**{imported[1]}** its arithmetic" in bench
