@@ -7,14 +7,17 @@ For each built-in task, at its real size (model, poisoned training set, batch si
   This is the baseline (1.00x).
 * ``framework fp32``: ``train.py``'s own Trainer (``build_trainer``: callbacks, checkpointing, a validation pass
   every epoch) fitting the task's ``BackdoorClassifier``, as the default run does.
-* ``framework speed=fast``: the same with ``speed=fast`` (bf16 autocast, channels-last convs).
-* ``plain bf16+channels-last loop``: the plain loop with the same two switches, to show what they give alone.
+* ``framework speed=fast``: the same with ``speed=fast`` (channels-last convs, and bf16 autocast where the hardware
+  runs it: a GPU, a CPU with AMX or AVX-512 BF16; fp32 on other CPUs, ``backdoor_lab.machine.fast_precision``).
+* ``plain bf16+channels-last loop`` (``fp32+channels-last`` where speed=fast keeps fp32): the plain loop with the
+  same switches, to show what they give alone. ``--bf16`` adds the bf16 loop where speed=fast does not use it, to
+  measure what emulated bf16 costs.
 
 Each row trains ``--epochs`` epochs (the first batch's start-up included, as a user waits for it) and reports
 samples per second = epochs x training samples / wall time. The device and the CPU's bf16 support are printed,
 so the figures can be re-taken on a GPU (``--accelerator gpu``).
 
-    python bench/train_throughput.py [--epochs 2] [--threads N] [--only signs_badnets] [--markdown]
+    python bench/train_throughput.py [--epochs 2] [--threads N] [--only signs_badnets] [--markdown] [--bf16]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from backdoor_lab import CONF_DIR  # noqa: E402
 from backdoor_lab.build import build_datamodule, build_model, build_trainer  # noqa: E402
-from backdoor_lab.machine import cpu_fields, cpu_flags  # noqa: E402
+from backdoor_lab.machine import cpu_bf16_instructions, cpu_fields  # noqa: E402
 
 TASKS = ["signs_badnets", "speech_noise", "face_sunglasses"]
 
@@ -54,9 +57,14 @@ def config(experiment: str, root: Path, extra: list[str]) -> DictConfig:
 
 
 def plain_loop(
-    cfg: DictConfig, epochs: int, fast: bool, device: torch.device, compiled: bool = False
+    cfg: DictConfig,
+    epochs: int,
+    device: torch.device,
+    bf16: bool = False,
+    channels_last: bool = False,
+    compiled: bool = False,
 ) -> tuple[float, int, list[float]]:
-    """The hand-written fp32 (or bf16 + channels-last, optionally ``torch.compile``d) loop.
+    """The hand-written fp32 loop (or with bf16 autocast, channels-last, ``torch.compile``).
 
     Returns (wall seconds, samples trained, each epoch's seconds): a compiled loop pays its compilation in the
     first epoch, so the later epochs show its steady speed.
@@ -64,13 +72,13 @@ def plain_loop(
     torch.manual_seed(cfg.seed)
     dm = build_datamodule(cfg, fit_on="poisoned")
     net = build_model(cfg, dm.num_classes).net.to(device)
-    if fast:
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if compiled:
         net.compile()  # in place: the module keeps its names (and state_dict keys)
     opt = instantiate(cfg.model.optimizer)(params=net.parameters())
     loader = DataLoader(dm.dataset(dm.fit_on), batch_size=cfg.data.batch_size, shuffle=True)
-    return plain_steps(net, opt, loader, epochs, device, fast)
+    return plain_steps(net, opt, loader, epochs, device, bf16, channels_last)
 
 
 def plain_steps(
@@ -79,11 +87,12 @@ def plain_steps(
     loader: DataLoader,
     epochs: int,
     device: torch.device,
-    fast: bool = False,
+    bf16: bool = False,
+    channels_last: bool = False,
 ) -> tuple[float, int, list[float]]:
     """``epochs`` of ``loss.backward(); opt.step()`` over ``loader`` and nothing else: (wall seconds, samples
-    trained, each epoch's seconds). ``fast``: bf16 autocast and channels-last inputs."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else nullcontext()
+    trained, each epoch's seconds). ``bf16``: bf16 autocast; ``channels_last``: channels-last inputs."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     net.train()
     samples = 0
     start = time.perf_counter()
@@ -92,7 +101,7 @@ def plain_steps(
         epoch_start = time.perf_counter()
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
-            if fast:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 loss = F.cross_entropy(net(x).float(), y)
@@ -124,17 +133,15 @@ def main() -> None:
     parser.add_argument("--only", choices=TASKS, action="append")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--markdown", action="store_true", help="print the rows as a docs/benchmarks.md table")
-    parser.add_argument(
-        "--compile", action="store_true", help="add the plain bf16+channels-last loop under torch.compile"
-    )
+    parser.add_argument("--compile", action="store_true", help="add speed=fast's plain loop under torch.compile")
+    parser.add_argument("--bf16", action="store_true", help="add the plain bf16 loop where speed=fast keeps fp32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     trainer_extra = ["trainer=gpu"] if args.accelerator == "gpu" else []
     cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
-    flags = cpu_flags()
-    bf16 = "amx_bf16" in flags and "AMX" or "avx512_bf16" in flags and "AVX512-BF16" or "none"
+    bf16 = cpu_bf16_instructions() or "none (speed=fast keeps fp32 on this CPU)"
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
     print(f"device: {device.type} ({name}); CPU bf16 instructions: {bf16}; torch {torch.__version__}")
     rows = []
@@ -144,14 +151,20 @@ def main() -> None:
             fp32 = config(task, root, trainer_extra)
             fast = config(task, root, [*trainer_extra, "speed=fast"])
             build_datamodule(fp32, fit_on="poisoned")  # data built (or read from the cache) before any timing
+            fast_bf16 = "bf16" in str(fast.trainer.precision)
+            kind = "bf16" if fast_bf16 else "fp32"
             results = {
-                "plain fp32 loop": plain_loop(fp32, args.epochs, False, device),
-                "plain bf16+channels-last loop": plain_loop(fp32, args.epochs, True, device),
+                "plain fp32 loop": plain_loop(fp32, args.epochs, device),
+                f"plain {kind}+channels-last loop": plain_loop(fp32, args.epochs, device, fast_bf16, True),
             }
+            if args.bf16 and not fast_bf16:
+                results["plain bf16+channels-last loop"] = plain_loop(fp32, args.epochs, device, True, True)
             if args.compile:
-                results["plain bf16+channels-last+compile loop"] = plain_loop(fp32, args.epochs, True, device, True)
+                results[f"plain {kind}+channels-last+compile loop"] = plain_loop(
+                    fp32, args.epochs, device, fast_bf16, True, True
+                )
             results["framework fp32"] = framework_fit(fp32, args.epochs)
-            results["framework speed=fast"] = framework_fit(fast, args.epochs)
+            results[f"framework speed=fast ({kind})"] = framework_fit(fast, args.epochs)
         plain_s, n, _ = results["plain fp32 loop"]
         base = n / plain_s
         for label, (wall, samples, epoch_walls) in results.items():

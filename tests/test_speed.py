@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from backdoor_lab.build import Evaluations, evaluation_key
 from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget
 from backdoor_lab.defenses.methods import fine_tune
 from backdoor_lab.defenses.network_split import split_network
+from backdoor_lab.machine import fast_precision
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.pipeline import build_datamodule, build_model, defend, train
 from backdoor_lab.runs import train_key, training_config
@@ -42,7 +44,7 @@ def test_channels_last_is_the_same_network_in_another_memory_order(experiment: s
     classes, shape = TASKS[experiment]
     plain_cfg = compose_run("train", tmp_path, "a", [f"experiment={experiment}"])
     fast_cfg = compose_run("train", tmp_path, "b", [f"experiment={experiment}", "speed=fast"])
-    assert fast_cfg.model.channels_last and fast_cfg.trainer.precision == "bf16-mixed"
+    assert fast_cfg.model.channels_last and fast_cfg.trainer.precision == fast_precision("cpu")
     assert not plain_cfg.model.channels_last and plain_cfg.trainer.get("precision") is None  # fp32
     torch.manual_seed(0)
     plain = build_model(plain_cfg, classes).eval()
@@ -66,13 +68,49 @@ def test_speed_fast_trains_and_defends_and_saves_plain_weights(tmp_path: Path) -
     cfg = compose_run("train", tmp_path, "fast", overrides)
     result = train(cfg)
     job = Path(cfg.paths.run_dir)
-    assert json.loads((job / "metrics.json").read_text())["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert json.loads((job / "metrics.json").read_text())["config"]["trainer"]["precision"] == fast_precision("cpu")
     weights = load_file(str(job / "model.safetensors"))
     assert all(t.is_contiguous() for t in weights.values())
     stock = build_model(compose_run("train", tmp_path, "stock", TINY_SIGNS), 18)
     stock.load_state_dict(weights)  # plain weights: the stock fp32, contiguous model loads them
     record = result["defenses"]["fine_pruning"]
     assert record["pruned_channels"] and record["fine_tune"]["epochs"] == cfg.fine_tune.epochs
+
+
+@pytest.mark.parametrize(
+    ("flags", "overrides", "precision"),
+    [
+        ({"avx2", "amx_bf16", "avx512_bf16"}, [], "bf16-mixed"),
+        ({"avx2", "avx512f", "avx512_bf16"}, [], "bf16-mixed"),
+        ({"avx2", "avx512f"}, [], "32-true"),  # an AVX-512 CPU without bf16 instructions emulates it too
+        ({"avx2"}, [], "32-true"),
+        ({"avx2"}, ["trainer=gpu"], "bf16-mixed"),
+        ({"avx2"}, ["trainer.precision=bf16-mixed"], "bf16-mixed"),  # what the user sets, stands
+    ],
+)
+def test_speed_fast_takes_bf16_only_where_the_hardware_runs_it(
+    flags: set[str], overrides: list[str], precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emulated bf16 (no AMX / AVX-512 BF16) trained 7-12x slower than fp32 on an AVX2 CPU: speed=fast is fp32 there."""
+    monkeypatch.setattr("backdoor_lab.machine.cpu_flags", lambda: flags)
+    cfg = compose_run("train", tmp_path, "fast", [*TINY_SIGNS, "speed=fast", *overrides])
+    assert cfg.trainer.precision == precision and cfg.model.channels_last
+    assert training_config(cfg)["trainer.precision"] == precision  # the run's key and record hold the choice
+
+
+@pytest.mark.parametrize(("flags", "warned"), [({"avx2"}, True), ({"avx2", "amx_bf16"}, False)])
+def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_fix(
+    flags: set[str], warned: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("backdoor_lab.machine.cpu_flags", lambda: flags)
+    for precision, asked in (("bf16-mixed", True), ("32-true", False)):
+        cfg = compose_run("train", tmp_path, precision, [*TINY_SIGNS, f"+trainer.precision={precision}"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build.build_trainer(cfg, tmp_path / precision, [], 1)
+        messages = [str(w.message) for w in caught if "bf16 instructions" in str(w.message)]
+        assert len(messages) == (warned and asked), messages
+        assert all("trains 7-12x slower than fp32" in m and "speed=fast picks fp32" in m for m in messages)
 
 
 class CountValidation(Callback):

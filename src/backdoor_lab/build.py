@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+import backdoor_lab.resolvers  # noqa: F401  (registers the resolvers the configs use)
 from backdoor_lab import CONF_DIR
 from backdoor_lab.data.module import BackdoorDataModule
 from backdoor_lab.defenses.base import Defense
-from backdoor_lab.machine import cpu_identity
+from backdoor_lab.machine import cpu_bf16_instructions, cpu_identity
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.reporting import log_config, wandb_run_settings
 from backdoor_lab.reporting.files import atomic_path
@@ -129,9 +132,23 @@ def build_trainer(
         if cb_cfg is not None and "_target_" in cb_cfg:
             extra = {"dirpath": str(run_dir / "checkpoints")} if "dirpath" in cb_cfg else {}
             callbacks.append(instantiate(cb_cfg, **extra))
-    return instantiate(
+    trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=max_epochs, default_root_dir=str(run_dir)
     )
+    if "bf16" in str(trainer.precision) and isinstance(trainer.accelerator, CPUAccelerator):
+        warn_if_bf16_is_emulated(str(trainer.precision))
+    return trainer
+
+
+def warn_if_bf16_is_emulated(precision: str) -> None:
+    """bf16 asked for on a CPU that emulates it: valid, but 7-12x slower than fp32, which a user would not expect."""
+    if cpu_bf16_instructions() is None:
+        warnings.warn(
+            f"trainer.precision={precision} on a CPU without bf16 instructions (AMX or AVX-512 BF16): bf16 is "
+            "emulated here and trains 7-12x slower than fp32 (docs/benchmarks.md). Drop the override for fp32; "
+            "speed=fast picks fp32 on this CPU.",
+            stacklevel=3,
+        )
 
 
 def evaluate(cfg: DictConfig, model: L.LightningModule, dm: BackdoorDataModule) -> dict[str, float]:

@@ -35,3 +35,24 @@ def cpu_identity() -> str:
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
     model = cpu_fields().get("model name", platform.processor())
     return f"{platform.platform()} {model} {torch.backends.cpu.get_cpu_capability()} {flags}"
+
+
+BF16_INSTRUCTIONS = ("amx_bf16", "avx512_bf16")  # x86 flags under which oneDNN runs bf16 convs in hardware
+
+
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's bf16 matrix instructions (``"amx_bf16"``, ``"avx512_bf16"``), or None where it has none.
+
+    Without them oneDNN emulates bf16 in fp32 registers, and bf16 autocast trains 7-12x slower than fp32 (an AVX2
+    AMD EPYC, docs/benchmarks.md); with them it trains 1.8-2.6x faster. Other architectures are not measured, so
+    they count as having none.
+    """
+    flags = cpu_flags()
+    return next((name for name in BF16_INSTRUCTIONS if name in flags), None)
+
+
+def fast_precision(accelerator: str) -> str:
+    """The fastest precision whose numbers hold (``speed=fast``'s ``trainer.precision``): bf16 autocast on a GPU
+    or on a CPU with bf16 instructions, fp32 on any other CPU (where bf16 is emulated, and slower)."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return "32-true" if on_cpu and not cpu_bf16_instructions() else "bf16-mixed"

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import backdoor_lab.resolvers  # noqa: F401  (registers the resolvers the configs use)
 from backdoor_lab.nested import flatten
 from backdoor_lab.reporting.files import write_replace
 
