@@ -240,3 +240,20 @@ def test_the_defense_job_ratios_quoted_are_the_job_cost_record() -> None:
     assert f"and {imported[1]} once the script has imported" in text
     bench = " ".join((ROOT / "docs/benchmarks.md").read_text().split())
     assert f"| **{own[1]}** (rounds:" in bench and f"**{imported[1]}** its arithmetic" in bench
+
+
+def test_the_avx2_training_throughput_tables_are_their_records() -> None:
+    """docs/benchmarks.md's two AVX2 tables (emulated bf16, then fp32 speed=fast): each cell is its record's row."""
+    folder = ROOT / "docs/results/train_throughput_2026-12-05"
+    bench = (ROOT / "docs/benchmarks.md").read_text()
+    for record, header in (
+        ("emulated_bf16_39cfc1b.txt", "| framework `speed=fast` (then bf16) |"),
+        ("speed_fast_fp32_71feacb.txt", "| framework `speed=fast` (fp32) |"),
+    ):
+        table = bench[bench.index(header) :].split("\n\n")[0]
+        rows = re.findall(r"^\| (\w+) \| (.+) \| (\d+) \| (\S+x) \| [^|]+\|$", (folder / record).read_text(), re.M)
+        assert len(rows) == 12, record  # 3 tasks x 4 loops
+        for task in ("signs_badnets", "speech_noise", "face_sunglasses"):
+            line = next(row for row in table.splitlines() if row.startswith(f"| {task} |"))
+            cells = [c.replace("*", "").replace(" samples/s", "").strip() for c in line.strip("|").split("|")[1:]]
+            assert cells == [f"{rate}, {ratio}" for t, _, rate, ratio in rows if t == task], (record, task)

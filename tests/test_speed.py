@@ -1,4 +1,5 @@
-"""``speed=fast`` (bf16 autocast, channels-last convs): the same model and results up to rounding, one switch.
+"""``speed=fast`` (channels-last convs; bf16 autocast where the hardware runs it): the same model and results up to
+rounding, one switch.
 
 The speed itself is measured by ``bench/train_throughput.py`` (docs/benchmarks.md), never timed here.
 """
@@ -91,7 +92,7 @@ def test_speed_fast_trains_and_defends_and_saves_plain_weights(tmp_path: Path) -
 def test_speed_fast_takes_bf16_only_where_the_hardware_runs_it(
     flags: set[str], overrides: list[str], precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Emulated bf16 (no AMX / AVX-512 BF16) trained 7-12x slower than fp32 on an AVX2 CPU: speed=fast is fp32 there."""
+    """Emulated bf16 (no AMX / AVX-512 BF16) trained 7-13x slower than fp32 on an AVX2 CPU: speed=fast is fp32 there."""
     monkeypatch.setattr("backdoor_lab.machine.cpu_flags", lambda: flags)
     cfg = compose_run("train", tmp_path, "fast", [*TINY_SIGNS, "speed=fast", *overrides])
     assert cfg.trainer.precision == precision and cfg.model.channels_last
@@ -110,7 +111,7 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_fix(
             build.build_trainer(cfg, tmp_path / precision, [], 1)
         messages = [str(w.message) for w in caught if "bf16 instructions" in str(w.message)]
         assert len(messages) == (warned and asked), messages
-        assert all("trains 7-12x slower than fp32" in m and "speed=fast picks fp32" in m for m in messages)
+        assert all("trains 7-13x slower than fp32" in m and "speed=fast picks fp32" in m for m in messages)
 
 
 class CountValidation(Callback):

@@ -141,11 +141,11 @@ def build_trainer(
 
 
 def warn_if_bf16_is_emulated(precision: str) -> None:
-    """bf16 asked for on a CPU that emulates it: valid, but 7-12x slower than fp32, which a user would not expect."""
+    """bf16 asked for on a CPU that emulates it: valid, but 7-13x slower than fp32, which a user would not expect."""
     if cpu_bf16_instructions() is None:
         warnings.warn(
             f"trainer.precision={precision} on a CPU without bf16 instructions (AMX or AVX-512 BF16): bf16 is "
-            "emulated here and trains 7-12x slower than fp32 (docs/benchmarks.md). Drop the override for fp32; "
+            "emulated here and trains 7-13x slower than fp32 (docs/benchmarks.md). Drop the override for fp32; "
             "speed=fast picks fp32 on this CPU.",
             stacklevel=3,
         )

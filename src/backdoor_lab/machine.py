@@ -43,7 +43,7 @@ BF16_INSTRUCTIONS = ("amx_bf16", "avx512_bf16")  # x86 flags under which oneDNN 
 def cpu_bf16_instructions() -> str | None:
     """The CPU's bf16 matrix instructions (``"amx_bf16"``, ``"avx512_bf16"``), or None where it has none.
 
-    Without them oneDNN emulates bf16 in fp32 registers, and bf16 autocast trains 7-12x slower than fp32 (an AVX2
+    Without them oneDNN emulates bf16 in fp32 registers, and bf16 autocast trains 7-13x slower than fp32 (an AVX2
     AMD EPYC, docs/benchmarks.md); with them it trains 1.8-2.6x faster. Other architectures are not measured, so
     they count as having none.
     """

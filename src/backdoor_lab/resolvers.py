@@ -2,7 +2,7 @@
 (``backdoor_lab.build``, ``backdoor_lab.runs``).
 
 * ``${fast_precision:${trainer.accelerator}}`` (``conf/speed/fast.yaml``): bf16 autocast where the hardware runs
-  it (a GPU, a CPU with AMX or AVX-512 BF16), fp32 elsewhere, where emulated bf16 trains 7-12x slower.
+  it (a GPU, a CPU with AMX or AVX-512 BF16), fp32 elsewhere, where emulated bf16 trains 7-13x slower.
 """
 
 from __future__ import annotations
