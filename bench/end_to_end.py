@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from backdoor_lab.machine import cpu_fields  # noqa: E402
 
 
 def run(script: str, args: list[str], env: dict[str, str]) -> float:
@@ -41,7 +44,7 @@ def main() -> None:
         t_defend = run("defend.py", args, env)
     trained = json.loads(next(Path(outputs, "train").glob("*/*/metrics.json")).read_text())
     defended = json.loads(next(Path(outputs, "defend").glob("*/*/defense/fine_pruning/metrics.json")).read_text())
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"machine: {os.cpu_count()} cores {cpu}, {device}; torch {torch.__version__}")
     row = (
@@ -51,16 +54,28 @@ def main() -> None:
         f"{defended['after']['clean_acc']:.4f} / {defended['after']['asr']:.4f} |"
     )
     print(row)
-    path = ROOT / "docs" / "benchmarks.md"
-    path.parent.mkdir(exist_ok=True)
+    append_row(ROOT / "docs" / "benchmarks.md", row)
+
+
+HEADER = (
+    "| date | experiment | machine | train.py | test clean acc / ASR | defend.py | pruned | after: clean acc / ASR |"
+)
+
+
+def append_row(path: Path, row: str) -> None:
+    """The row goes at the end of the end-to-end table (the first in the file), not after the later sections."""
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
             "# Benchmarks\n\nEnd-to-end wall time of the main job (`bench/end_to_end.py`), data generation included."
-            "\n\n| date | experiment | machine | train.py | test clean acc / ASR | defend.py | pruned | "
-            "after: clean acc / ASR |\n|---|---|---|---|---|---|---|---|\n"
+            f"\n\n{HEADER}\n|---|---|---|---|---|---|---|---|\n"
         )
-    with path.open("a") as fh:
-        fh.write(row + "\n")
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith(HEADER))
+    while at < len(lines) and lines[at].startswith("|"):
+        at += 1
+    lines.insert(at, row + "\n")
+    path.write_text("".join(lines))
 
 
 if __name__ == "__main__":
