@@ -387,3 +387,21 @@ def test_exported_records_summarize_to_the_same_table_and_hold_no_weights(sweep:
     assert defense_table(exported) == defense_table(kept)
     with pytest.raises(FileExistsError, match="never overwritten"):
         module.export(sweep, out)
+
+
+def test_the_end_to_end_bench_adds_its_row_to_the_end_of_its_table(tmp_path: Path) -> None:
+    """bench/end_to_end.py's row lands under the table's last row, not after the sections that follow it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("end_to_end", Path(__file__).parents[1] / "bench/end_to_end.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "docs/benchmarks.md"
+    module.append_row(path, "| first |")
+    module.append_row(path, "| second |")
+    path.write_text(path.read_text() + "\n## A later section\n\n| other | table |\n")
+    module.append_row(path, "| third |")
+    lines = path.read_text().splitlines()
+    header = lines.index(module.HEADER)
+    assert lines[header + 2 : header + 6] == ["| first |", "| second |", "| third |", ""]
+    assert lines[-1] == "| other | table |"
