@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -257,3 +258,13 @@ def test_the_avx2_training_throughput_tables_are_their_records() -> None:
             line = next(row for row in table.splitlines() if row.startswith(f"| {task} |"))
             cells = [c.replace("*", "").replace(" samples/s", "").strip() for c in line.strip("|").split("|")[1:]]
             assert cells == [f"{rate}, {ratio}" for t, _, rate, ratio in rows if t == task], (record, task)
+    # the README's "7-13x slower than fp32" (the plain fp32 loop against emulated-bf16 speed=fast) and "1.03-1.30x"
+    ratios = {}
+    for record in ("emulated_bf16_39cfc1b.txt", "speed_fast_fp32_71feacb.txt"):
+        rows = re.findall(r"^\| (\w+) \| (.+) \| (\d+) \| (\S+)x \| [^|]+\|$", (folder / record).read_text(), re.M)
+        ratios[record] = [float(ratio) for _, label, _, ratio in rows if label.startswith("framework speed=fast")]
+    slower = [1 / r for r in ratios["emulated_bf16_39cfc1b.txt"]]
+    fast = ratios["speed_fast_fp32_71feacb.txt"]
+    text = " ".join(README.split())
+    assert f"emulates bf16, {math.floor(min(slower))}-{math.ceil(max(slower))}x slower than fp32" in text
+    assert f"trains {min(fast):.2f}-{max(fast):.2f}x as fast as the plain loop" in text
