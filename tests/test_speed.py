@@ -27,7 +27,7 @@ from backdoor_lab.build import Evaluations, evaluation_key
 from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget
 from backdoor_lab.defenses.methods import fine_tune
 from backdoor_lab.defenses.network_split import split_network
-from backdoor_lab.machine import fast_precision
+from backdoor_lab.machine import cpu_identity, fast_precision
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.pipeline import build_datamodule, build_model, defend, train
 from backdoor_lab.runs import train_key, training_config
@@ -93,6 +93,7 @@ def test_speed_fast_takes_bf16_only_where_the_hardware_runs_it(
     flags: set[str], overrides: list[str], precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Emulated bf16 (no AMX / AVX-512 BF16) trained 7-13x slower than fp32 on an AVX2 CPU: speed=fast is fp32 there."""
+    cpu_identity()  # cached from the real flags first: the evaluation keys of later tests must not see these
     monkeypatch.setattr("backdoor_lab.machine.cpu_flags", lambda: flags)
     cfg = compose_run("train", tmp_path, "fast", [*TINY_SIGNS, "speed=fast", *overrides])
     assert cfg.trainer.precision == precision and cfg.model.channels_last
@@ -103,6 +104,7 @@ def test_speed_fast_takes_bf16_only_where_the_hardware_runs_it(
 def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_fix(
     flags: set[str], warned: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    cpu_identity()  # cached from the real flags first: the evaluation keys of later tests must not see these
     monkeypatch.setattr("backdoor_lab.machine.cpu_flags", lambda: flags)
     for precision, asked in (("bf16-mixed", True), ("32-true", False)):
         cfg = compose_run("train", tmp_path, precision, [*TINY_SIGNS, f"+trainer.precision={precision}"])
