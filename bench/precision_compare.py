@@ -16,10 +16,10 @@ after-defense clean accuracy and ASR as written to ``summary.csv``), for a switc
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
-import sys
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -104,13 +104,23 @@ def compare_defenses(fp32_folder: Path, fast_folder: Path) -> None:
 
 
 def main() -> None:
-    if sys.argv[1] == "--identical":
-        compare_identical(Path(sys.argv[2]), Path(sys.argv[3]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--identical", action="store_true", help="are the second folder's cells bit for bit the first's")
+    mode.add_argument("--defenses", action="store_true", help="every cell of the paper table against fp32's spread")
+    parser.add_argument("reference", type=Path, help="the fp32 records (a sweep folder of docs/results/)")
+    parser.add_argument("other", type=Path, help="the records to compare with them")
+    args = parser.parse_args()
+    for folder in (args.reference, args.other):
+        if not folder.is_dir():
+            parser.error(f"{folder} is not a folder of records (e.g. docs/results/paper_sweep)")
+    if args.identical:
+        compare_identical(args.reference, args.other)
         return
-    if sys.argv[1] == "--defenses":
-        compare_defenses(Path(sys.argv[2]), Path(sys.argv[3]))
+    if args.defenses:
+        compare_defenses(args.reference, args.other)
         return
-    fp32, fast = read(Path(sys.argv[1])), read(Path(sys.argv[2]))
+    fp32, fast = read(args.reference), read(args.other)
     print("| task | metric | fp32 | fp32 range | speed=fast | within fp32 mean ± 2 std |")
     print("|---|---|---|---|---|---|")
     for task in sorted(fast):
