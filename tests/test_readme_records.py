@@ -243,13 +243,15 @@ def test_the_defense_job_ratios_quoted_are_the_job_cost_record() -> None:
     assert f"| **{own[1]}** (rounds:" in bench and f"**{imported[1]}** its arithmetic" in bench
 
 
-def test_the_avx2_training_throughput_tables_are_their_records() -> None:
-    """docs/benchmarks.md's two AVX2 tables (emulated bf16, then fp32 speed=fast): each cell is its record's row."""
+def test_the_training_throughput_tables_of_2026_12_05_are_their_records() -> None:
+    """docs/benchmarks.md's two AVX2 tables (emulated bf16, then fp32 speed=fast) and the AMX one (bf16, chosen by
+    the CPU): each cell is its record's row; the README's ranges are those records' ranges."""
     folder = ROOT / "docs/results/train_throughput_2026-12-05"
     bench = (ROOT / "docs/benchmarks.md").read_text()
     for record, header in (
         ("emulated_bf16_39cfc1b.txt", "| framework `speed=fast` (then bf16) |"),
         ("speed_fast_fp32_71feacb.txt", "| framework `speed=fast` (fp32) |"),
+        ("intel_amx_bf16_58f6495.txt", "| framework `speed=fast` (bf16, chosen) |"),
     ):
         table = bench[bench.index(header) :].split("\n\n")[0]
         rows = re.findall(r"^\| (\w+) \| (.+) \| (\d+) \| (\S+x) \| [^|]+\|$", (folder / record).read_text(), re.M)
@@ -260,7 +262,7 @@ def test_the_avx2_training_throughput_tables_are_their_records() -> None:
             assert cells == [f"{rate}, {ratio}" for t, _, rate, ratio in rows if t == task], (record, task)
     # the README's "7-13x slower than fp32" (the plain fp32 loop against emulated-bf16 speed=fast) and "1.03-1.30x"
     ratios = {}
-    for record in ("emulated_bf16_39cfc1b.txt", "speed_fast_fp32_71feacb.txt"):
+    for record in ("emulated_bf16_39cfc1b.txt", "speed_fast_fp32_71feacb.txt", "intel_amx_bf16_58f6495.txt"):
         rows = re.findall(r"^\| (\w+) \| (.+) \| (\d+) \| (\S+)x \| [^|]+\|$", (folder / record).read_text(), re.M)
         ratios[record] = [float(ratio) for _, label, _, ratio in rows if label.startswith("framework speed=fast")]
     slower = [1 / r for r in ratios["emulated_bf16_39cfc1b.txt"]]
@@ -268,3 +270,5 @@ def test_the_avx2_training_throughput_tables_are_their_records() -> None:
     text = " ".join(README.split())
     assert f"emulates bf16, {math.floor(min(slower))}-{math.ceil(max(slower))}x slower than fp32" in text
     assert f"trains {min(fast):.2f}-{max(fast):.2f}x as fast as the plain loop" in text
+    amx = ratios["intel_amx_bf16_58f6495.txt"]
+    assert f"{min(amx):.1f}-{max(amx):.1f}x in a later run on another such CPU" in text
