@@ -10,6 +10,7 @@ from torch.utils.data import RandomSampler, SequentialSampler
 
 from backdoor_lab.attacks.base import AllToOne, Attack, Trigger
 from backdoor_lab.data.module import BackdoorDataModule
+from backdoor_lab.data.tensor_loader import GatheredTensorDataset, collate_gathered
 from backdoor_lab.splits import RawSplit
 
 CLASSES = ["a", "b", "c"]
@@ -126,6 +127,10 @@ def test_the_train_loader_follows_fit_on_and_shuffles_with_the_training_batch_si
     assert len(train.dataset) == 40 and train.pin_memory is False and train.num_workers == 0
     for loader in (*dm.val_dataloader(), *dm.test_dataloader(), dm.clean_val_dataloader()):
         assert isinstance(loader.sampler, SequentialSampler) and loader.batch_size == 5 and not loader.drop_last
+    for loader in (train, *dm.val_dataloader(), *dm.test_dataloader(), dm.attacker_clean_dataloader()):
+        # batches gathered in one call per tensor (tests/test_tensor_loader.py), over the role's own tensors
+        assert isinstance(loader.dataset, GatheredTensorDataset) and loader.collate_fn is collate_gathered
+    assert train.dataset.tensors[0].data_ptr() == dm.dataset("poisoned").tensors[0].data_ptr()
     dm.fit_on = "clean"  # switched between fits, as the pruning-aware attack does
     assert len(dm.train_dataloader().dataset) == 30
     dm.fit_on = "defender_clean"
@@ -179,6 +184,7 @@ def test_inputs_are_converted_in_chunks_of_2048() -> None:
     x = dm.dataset("clean").tensors[0]
     assert source.chunks == [2048, 2048, 4] and len(x) == 4100
     assert torch.equal(x[:, 0, 1, 1], torch.arange(4100).remainder(3).float())  # in order across chunks
+    assert x.is_contiguous()  # Tiny's to_tensor permutes HWC to CHW: stored in CHW order, once, not per batch
 
 
 def test_a_raw_split_keeps_its_fields_aligned() -> None:

@@ -11,6 +11,7 @@ import torch
 from rich.progress import Progress
 from torch.utils.data import RandomSampler, SequentialSampler, TensorDataset
 
+from backdoor_lab.data.tensor_loader import GatheredTensorDataset
 from backdoor_lab.defenses.defender_data import DefenderData, SplitOutOfReach
 from backdoor_lab.defenses.ranking import check_prune_settings, progress_bar, ratio_count, trigger_channel_ranks
 
@@ -18,16 +19,23 @@ CLEAN = TensorDataset(torch.arange(10.0).view(10, 1), torch.zeros(10, dtype=torc
 TRIGGERED = TensorDataset(torch.ones(4, 1), torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
 
 
+def over(loader, dataset: TensorDataset) -> bool:
+    """The loader reads ``dataset``'s own tensors (not copies), gathered a batch at a time."""
+    return isinstance(loader.dataset, GatheredTensorDataset) and [t.data_ptr() for t in loader.dataset.tensors] == [
+        t.data_ptr() for t in dataset.tensors
+    ]
+
+
 def test_defender_data_defaults_and_what_each_loader_is() -> None:
     data = DefenderData(CLEAN, TRIGGERED, class_names=("a", "b"))
     assert (data.batch_size, data.eval_batch_size, data.num_workers, data.pin_memory) == (128, 512, 0, False)
     assert data.class_names == ["a", "b"] and data.num_classes == 2
     train = data.train_dataloader()
-    assert train.dataset is CLEAN and train.batch_size == 128 and isinstance(train.sampler, RandomSampler)
+    assert over(train, CLEAN) and train.batch_size == 128 and isinstance(train.sampler, RandomSampler)
     for loader, dataset in ((data.clean_val_dataloader(), CLEAN), (data.triggered_val_dataloader(), TRIGGERED)):
-        assert loader.dataset is dataset and loader.batch_size == 512 and isinstance(loader.sampler, SequentialSampler)
+        assert over(loader, dataset) and loader.batch_size == 512 and isinstance(loader.sampler, SequentialSampler)
         assert loader.num_workers == 0 and loader.pin_memory is False
-    assert [v.dataset for v in data.val_dataloader()] == [CLEAN, TRIGGERED]
+    assert [over(v, d) for v, d in zip(data.val_dataloader(), (CLEAN, TRIGGERED), strict=True)] == [True, True]
 
 
 def test_defender_data_of_a_datamodule_takes_its_loader_settings() -> None:
@@ -40,7 +48,7 @@ def test_defender_data_of_a_datamodule_takes_its_loader_settings() -> None:
         pin_memory=True,
     )
     data = DefenderData.of(dm)
-    assert data.train_dataloader().dataset is CLEAN and data.triggered_val_dataloader().dataset is TRIGGERED
+    assert over(data.train_dataloader(), CLEAN) and over(data.triggered_val_dataloader(), TRIGGERED)
     assert (data.batch_size, data.eval_batch_size, data.num_workers, data.pin_memory) == (3, 5, 1, True)
     loader = data.train_dataloader()
     assert loader.batch_size == 3 and loader.num_workers == 1 and loader.pin_memory is True

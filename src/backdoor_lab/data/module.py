@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from backdoor_lab.attacks.base import Attack
 from backdoor_lab.attacks.poisoning import poison_train, triggered_split
 from backdoor_lab.data.base import DataSource
+from backdoor_lab.data.tensor_loader import tensor_loader
 from backdoor_lab.splits import SPLITS, RawSplit
 
 FIT_ON = ("poisoned", "clean", "defender_clean")
@@ -130,20 +131,16 @@ class BackdoorDataModule(L.LightningDataModule):
 
     def _tensors(self, split: RawSplit, true_labels: np.ndarray | None = None) -> TensorDataset:
         chunks = [self.source.to_tensor(split.inputs[i : i + 2048]) for i in range(0, len(split), 2048)]
-        tensors = [torch.cat(chunks), torch.from_numpy(split.labels).long()]
+        # contiguous once (an image source's HWC -> CHW permute leaves them channels-last in memory), so a batch
+        # is a plain gather of rows instead of a transposing copy every time
+        tensors = [torch.cat(chunks).contiguous(), torch.from_numpy(split.labels).long()]
         if true_labels is not None:
             tensors.append(torch.from_numpy(true_labels).long())
         return TensorDataset(*tensors)
 
     def _loader(self, role: str, train: bool = False) -> DataLoader:
-        return DataLoader(
-            self.dataset(role),
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            drop_last=False,
-            pin_memory=self.pin_memory,
-        )
+        batch_size = self.batch_size if train else self.eval_batch_size
+        return tensor_loader(self.dataset(role), batch_size, train, self.num_workers, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         """What the fit trains on: see ``fit_on`` (the attribute may be switched between fits)."""

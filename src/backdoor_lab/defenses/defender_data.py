@@ -15,6 +15,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from backdoor_lab.data.tensor_loader import tensor_loader
+
 
 class SplitOutOfReach(RuntimeError):
     """A defense asked for data the defender does not have (the test split, the attacker's training set)."""
@@ -73,13 +75,8 @@ class DefenderData(L.LightningDataModule):
         return len(self.class_names)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-        )
+        batch_size = self.batch_size if train else self.eval_batch_size
+        return tensor_loader(dataset, batch_size, train, self.num_workers, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         """The defender's clean split, shuffled: what every fine-tuning fit trains on."""
