@@ -211,20 +211,23 @@ def test_the_speed_fast_paper_seed_figures_are_its_records() -> None:
 
 
 def test_the_speed_exact_paper_seed_figures_are_its_records() -> None:
-    """ "took 19 min 9 s. All 24 of its cells are bit-identical": bench/precision_compare.py --identical."""
+    """ "took 19 min 9 s. All 24 of its cells are bit-identical", and the later machine's 22 min 5 s:
+    bench/precision_compare.py --identical on each record."""
     spec = importlib.util.spec_from_file_location("precision_compare", ROOT / "bench/precision_compare.py")
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
-    exact = ROOT / "docs/results/paper_sweep_exact_seed0"
-    same, total = compare.compare_identical(ROOT / "docs/results/defenses_sweep", exact)
-    span = round(compare.sweep_span(exact))
     text = " ".join(README.split())
-    assert f"took {span // 60} min {span % 60} s. All {same} of its cells are bit-identical" in text
-    assert same == total == 24  # 3 tasks x 2 attacks x 4 defenses, seed 0
-    assert all(
-        json.loads(p.read_text())["overrides"][3:6] == ["reuse=False", "speed=exact", "threads=1"]
-        for p in exact.glob("*/job.json")
-    )
+    for folder, quoted in (
+        ("paper_sweep_exact_seed0", "took {} min {} s. All {} of its cells are bit-identical"),
+        ("paper_sweep_exact_seed0_2026-12-05", "the same command took {} min {} s, with all {} cells bit-identical"),
+    ):
+        exact = ROOT / "docs/results" / folder
+        same, total = compare.compare_identical(ROOT / "docs/results/defenses_sweep", exact)
+        span = round(compare.sweep_span(exact))
+        assert quoted.format(span // 60, span % 60, same) in text, folder
+        assert same == total == 24  # 3 tasks x 2 attacks x 4 defenses, seed 0
+        jobs = [json.loads(p.read_text()) for p in exact.glob("*/job.json")]
+        assert len(jobs) == 6 and all(j["overrides"][3:6] == ["reuse=False", "speed=exact", "threads=1"] for j in jobs)
 
 
 def test_the_defense_job_ratios_quoted_are_the_job_cost_record() -> None:
@@ -272,3 +275,13 @@ def test_the_training_throughput_tables_of_2026_12_05_are_their_records() -> Non
     assert f"trains {min(fast):.2f}-{max(fast):.2f}x as fast as the plain loop" in text
     amx = ratios["intel_amx_bf16_58f6495.txt"]
     assert f"{min(amx):.1f}-{max(amx):.1f}x in a later run on another such CPU" in text
+
+
+def test_the_data_loading_table_is_its_record() -> None:
+    """docs/benchmarks.md's batch-feeding table: each row is its record's, whose batches were all equal."""
+    record = (ROOT / "docs/results/data_loading_2026-12-05/data_loading_cdabc10.txt").read_text()
+    rows = re.findall(r"^(\| \w+ \| [^|]+ \| \d+ \| [^|]+ \| [^|]+ \| \S+x) \| (\w+) \|$", record, re.M)
+    assert len(rows) == 6 and all(equal == "yes" for _, equal in rows)
+    bench = (ROOT / "docs/benchmarks.md").read_text()
+    table = bench[bench.index("| task | loaders | batches |") :].split("\n\n")[0]
+    assert table.splitlines()[2:] == [f"{row} |" for row, _ in rows]
