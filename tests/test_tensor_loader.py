@@ -69,6 +69,16 @@ def test_a_batch_is_one_fetch_not_one_per_sample() -> None:
     assert (counting.single, counting.batched) == (0, 5)
 
 
+def test_worker_processes_hand_back_the_same_batches() -> None:
+    data = three_tensors()
+    torch.manual_seed(5)
+    in_process = batches(tensor_loader(data, 5, shuffle=True))
+    torch.manual_seed(5)
+    in_worker = batches(tensor_loader(data, 5, shuffle=True, num_workers=1))
+    assert len(in_worker) == len(in_process) == 5
+    assert all(torch.equal(a, b) for x, y in zip(in_worker, in_process, strict=True) for a, b in zip(x, y, strict=True))
+
+
 def test_another_dataset_is_collated_as_pytorch_does() -> None:
     class Pairs(Dataset):
         def __len__(self) -> int:
