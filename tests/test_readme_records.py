@@ -285,3 +285,24 @@ def test_the_data_loading_table_is_its_record() -> None:
     bench = (ROOT / "docs/benchmarks.md").read_text()
     table = bench[bench.index("| task | loaders | batches |") :].split("\n\n")[0]
     assert table.splitlines()[2:] == [f"{row} |" for row, _ in rows]
+
+
+def test_the_defense_comparison_times_are_their_record() -> None:
+    """docs/benchmarks.md's four-defense signs job: each defense's wall and share are its record's ``wall_s``."""
+    record = (ROOT / "docs/results/defense_times_2026-12-05/signs_four_defenses.txt").read_text()
+    walls = {name: float(s) for name, s in re.findall(r"^(\w+) wall_s ([\d.]+) ", record, re.M)}
+    job = re.search(r"defenses=\[fine_pruning,anp,nad,clp\]'\s+\(real (\d+)m([\d.]+)s\)", record)
+    assert set(walls) == {"fine_pruning", "anp", "nad", "clp"} and job
+    total = int(job[1]) * 60 + float(job[2])
+    bench = " ".join((ROOT / "docs/benchmarks.md").read_text().split())
+    minutes, seconds = divmod(round(total), 60)
+    assert f"{minutes} min {seconds} s, of which each defense's own time" in bench
+    anp = round(walls["anp"])
+    rows = {
+        "fine_pruning": f"| {round(walls['fine_pruning'])} s | {round(100 * walls['fine_pruning'] / total)}% |",
+        "anp": f"| {anp // 60} min {anp % 60} s | **{round(100 * walls['anp'] / total)}%** |",
+        "nad": f"| {round(walls['nad'])} s | {round(100 * walls['nad'] / total)}% |",
+        "clp": f"| {walls['clp']} s | {round(100 * walls['clp'] / total)}% |",
+    }
+    for name, cells in rows.items():
+        assert cells in bench, (name, cells)
