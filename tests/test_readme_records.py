@@ -306,3 +306,16 @@ def test_the_defense_comparison_times_are_their_record() -> None:
     }
     for name, cells in rows.items():
         assert cells in bench, (name, cells)
+
+
+def test_the_anp_iteration_table_is_its_record() -> None:
+    """docs/benchmarks.md's ANP iteration table is bench/anp_iteration.py's printed rows; the README's range is
+    its speed=fast column on signs and speech."""
+    record = (ROOT / "docs/results/defense_times_2026-12-05/anp_iteration.txt").read_text()
+    rows = [line for line in record.splitlines() if line.startswith("| ")]
+    bench = (ROOT / "docs/benchmarks.md").read_text()
+    table = bench[bench.index(rows[0]) :].split("\n\n")[0].splitlines()
+    assert table == rows[:1] + ["|---|---|---|---|---|"] + rows[1:]
+    fast = {r.split(" | ")[0].strip("| "): float(re.findall(r"\((\S+)x\)", r)[2]) for r in rows[1:] if "(" in r}
+    low, high = min(fast["signs_badnets"], fast["speech_noise"]), max(fast["signs_badnets"], fast["speech_noise"])
+    assert f"runs ANP's iterations {low:.1f}-{high:.1f}x faster on signs and speech" in " ".join(README.split())
