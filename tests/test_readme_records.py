@@ -319,3 +319,15 @@ def test_the_anp_iteration_table_is_its_record() -> None:
     fast = {r.split(" | ")[0].strip("| "): float(re.findall(r"\((\S+)x\)", r)[2]) for r in rows[1:] if "(" in r}
     low, high = min(fast["signs_badnets"], fast["speech_noise"]), max(fast["signs_badnets"], fast["speech_noise"])
     assert f"runs ANP's iterations {low:.1f}-{high:.1f}x faster on signs and speech" in " ".join(README.split())
+
+
+def test_the_faster_machines_defense_job_ratios_are_their_record() -> None:
+    """ "1.26x with it, 1.04x after it": bench/job_cost.py's run on the AMX Xeon, and its benchmarks.md row."""
+    record = (ROOT / "docs/results/job_cost_2026-12-05/round_set_5_intel_amx.txt").read_text()
+    own = re.search(r"^\| its own steps' speed \(\d+ samples/s\) \| [^|]+\| [^|]+\| (\S+x) \| (\S+x) \|$", record, re.M)
+    unit = re.search(r"^\| `defend\.py [^|]+\| [^|]+\| [^|]+\| (\S+x) \|$", record, re.M)
+    imported = re.search(r"less the scripts' import, against its arithmetic at its own steps' speed: (\S+x)\n", record)
+    assert own and unit and imported
+    assert f"{own[1]} with it, {own[2]} after it, on an Intel Xeon with AMX" in " ".join(README.split())
+    row = f"| 69970ac | {own[1]} | {own[2]} | {imported[1]} (the scripts') | {unit[1]} |"
+    assert row in (ROOT / "docs/benchmarks.md").read_text()
