@@ -17,7 +17,6 @@ The last fp32 row repeats the first, so the machine's drift during the run shows
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -36,15 +35,12 @@ from backdoor_lab.build import build_datamodule, build_model  # noqa: E402
 from backdoor_lab.defenses.anp import optimize_masks  # noqa: E402
 from backdoor_lab.defenses.defender_data import DefenderData  # noqa: E402
 from backdoor_lab.defenses.successor_settings import ANPSettings  # noqa: E402
-from backdoor_lab.machine import cpu_bf16_instructions, cpu_fields, fast_precision  # noqa: E402
+from backdoor_lab.machine import cpu_bf16_instructions, cpu_name, fast_precision  # noqa: E402
 
 
-def seconds_per_iteration(cfg, dm, iterations: int, channels_last: bool, bf16: bool) -> float:
+def seconds_per_iteration(cfg, dm, iterations: int, bf16: bool) -> float:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dm.num_classes)
-    if channels_last:
-        model.channels_last = True
-        model.net.to(memory_format=torch.channels_last)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
     loader = DefenderData.of(dm).clean_val_dataloader()
     start = time.perf_counter()
@@ -66,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
+    cpu = cpu_name()
     fast_bf16 = "bf16" in fast_precision("cpu")
     bf16 = cpu_bf16_instructions() or "none (speed=fast keeps fp32 on this CPU)"
     threads = torch.get_num_threads()
@@ -76,11 +72,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for task in args.only or TASKS:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = config(task, Path(tmp), [])
-        dm = build_datamodule(cfg, fit_on="poisoned")
+            nchw = config(task, Path(tmp), [])
+            channels_last = config(task, Path(tmp), ["model.channels_last=true"])
+        dm = build_datamodule(nchw, fit_on="poisoned")
         times = [
-            seconds_per_iteration(cfg, dm, args.iterations, channels_last, bf16)
-            for channels_last, bf16 in ((False, False), (True, False), (True, fast_bf16), (False, False))
+            seconds_per_iteration(cfg, dm, args.iterations, bf16)
+            for cfg, bf16 in ((nchw, False), (channels_last, False), (channels_last, fast_bf16), (nchw, False))
         ]
         base = (times[0] + times[3]) / 2
         cells = " | ".join(f"{t * 1e3:.0f} ms ({base / t:.2f}x)" for t in times)

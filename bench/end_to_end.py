@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from backdoor_lab.machine import cpu_fields  # noqa: E402
+from backdoor_lab.machine import cpu_name  # noqa: E402
 
 
 def run(script: str, args: list[str], env: dict[str, str]) -> float:
@@ -44,7 +43,7 @@ def main() -> None:
         t_defend = run("defend.py", args, env)
     trained = json.loads(next(Path(outputs, "train").glob("*/*/metrics.json")).read_text())
     defended = json.loads(next(Path(outputs, "defend").glob("*/*/defense/fine_pruning/metrics.json")).read_text())
-    cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
+    cpu = cpu_name()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"machine: {os.cpu_count()} cores {cpu}, {device}; torch {torch.__version__}")
     row = (

@@ -27,7 +27,7 @@ from backdoor_lab.build import Evaluations, evaluation_key
 from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget
 from backdoor_lab.defenses.methods import fine_tune
 from backdoor_lab.defenses.network_split import split_network
-from backdoor_lab.machine import cpu_identity, fast_precision
+from backdoor_lab.machine import cpu_identity, cpu_name, fast_precision
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.pipeline import build_datamodule, build_model, defend, train
 from backdoor_lab.runs import train_key, training_config
@@ -114,6 +114,15 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_fix(
         messages = [str(w.message) for w in caught if "bf16 instructions" in str(w.message)]
         assert len(messages) == (warned and asked), messages
         assert all("trains 7-13x slower than fp32" in m and "speed=fast picks fp32" in m for m in messages)
+
+
+def test_the_benches_name_the_cpu_by_its_model_else_what_platform_knows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("backdoor_lab.machine.cpu_fields", lambda: {"model name": "Some Xeon"})
+    assert cpu_name() == "Some Xeon"
+    monkeypatch.setattr("backdoor_lab.machine.cpu_fields", dict)  # no /proc/cpuinfo (macOS, Windows)
+    monkeypatch.setattr("platform.processor", lambda: "")
+    monkeypatch.setattr("platform.machine", lambda: "arm64")
+    assert cpu_name() == "arm64"
 
 
 class CountValidation(Callback):

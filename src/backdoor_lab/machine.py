@@ -23,6 +23,11 @@ def cpu_fields() -> dict[str, str]:
     return fields
 
 
+def cpu_name() -> str:
+    """The CPU as a person reads it (``model name``, else what ``platform`` knows), for the figures benches print."""
+    return cpu_fields().get("model name") or platform.processor() or platform.machine()
+
+
 def cpu_flags() -> set[str]:
     """The instruction sets the CPU reports (``flags`` on x86, ``Features`` on ARM)."""
     fields = cpu_fields()
