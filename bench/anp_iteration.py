@@ -35,7 +35,7 @@ from backdoor_lab.build import build_datamodule, build_model  # noqa: E402
 from backdoor_lab.defenses.anp import optimize_masks  # noqa: E402
 from backdoor_lab.defenses.defender_data import DefenderData  # noqa: E402
 from backdoor_lab.defenses.successor_settings import ANPSettings  # noqa: E402
-from backdoor_lab.machine import cpu_bf16_instructions, cpu_name, fast_precision  # noqa: E402
+from backdoor_lab.machine import describe_device, fast_precision  # noqa: E402
 
 
 def seconds_per_iteration(cfg, dm, iterations: int, bf16: bool) -> float:
@@ -62,11 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = cpu_name()
     fast_bf16 = "bf16" in fast_precision("cpu")
-    bf16 = cpu_bf16_instructions() or "none (speed=fast keeps fp32 on this CPU)"
-    threads = torch.get_num_threads()
-    print(f"device: cpu ({cpu}, {threads} threads); CPU bf16 instructions: {bf16}; torch {torch.__version__}")
+    print(describe_device())
     fast = f"speed=fast ({'bf16' if fast_bf16 else 'fp32'}, channels-last)"
     print(f"| task | fp32, NCHW (default) | fp32, channels-last | {fast} | fp32, NCHW again |")
     print("|---|---|---|---|---|")

@@ -36,7 +36,7 @@ from train_throughput import TASKS, config  # noqa: E402
 
 from backdoor_lab.build import build_datamodule  # noqa: E402
 from backdoor_lab.data.tensor_loader import tensor_loader  # noqa: E402
-from backdoor_lab.machine import cpu_name  # noqa: E402
+from backdoor_lab.machine import describe_device  # noqa: E402
 
 EVAL_ROLES = ("val_clean", "val_triggered", "test_clean", "test_triggered")
 
@@ -74,9 +74,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     pin = device.type == "cuda"
-    cpu = cpu_name()
-    name = torch.cuda.get_device_name() if pin else f"{cpu}, {torch.get_num_threads()} threads"
-    print(f"device: {device.type} ({name}); torch {torch.__version__}; median of {args.repeat} epochs")
+    print(f"{describe_device(device)}; median of {args.repeat} epochs")
     print("| task | loaders | batches | per-sample collation | gathered | ratio | batches equal |")
     print("|---|---|---|---|---|---|---|")
     for task in TASKS:

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from backdoor_lab.machine import cpu_name  # noqa: E402
+from backdoor_lab.machine import cpu_name, describe_device  # noqa: E402
 
 
 def run(script: str, args: list[str], env: dict[str, str]) -> float:
@@ -43,9 +43,9 @@ def main() -> None:
         t_defend = run("defend.py", args, env)
     trained = json.loads(next(Path(outputs, "train").glob("*/*/metrics.json")).read_text())
     defended = json.loads(next(Path(outputs, "defend").glob("*/*/defense/fine_pruning/metrics.json")).read_text())
-    cpu = cpu_name()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    print(f"machine: {os.cpu_count()} cores {cpu}, {device}; torch {torch.__version__}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{describe_device(device)}; {os.cpu_count()} cores")
+    cpu, device = cpu_name(), torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
     row = (
         f"| {date.today()} | {experiment} {' '.join(extra)} | {os.cpu_count()} cores {cpu}, {device} | "
         f"{t_train:.0f} s | "

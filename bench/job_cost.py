@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ from train_throughput import plain_steps  # noqa: E402  (bench/, beside this scr
 
 from backdoor_lab import CONF_DIR  # noqa: E402
 from backdoor_lab.build import build_datamodule, build_model  # noqa: E402
+from backdoor_lab.machine import describe_device  # noqa: E402
 
 
 def run(script: str, overrides: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the timed runs (medians are reported)")
     args, extra = parser.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the in-process arithmetic runs at the jobs' thread count
     with tempfile.TemporaryDirectory() as tmp:
         env = {
             **os.environ,
@@ -173,9 +175,7 @@ def main() -> None:
             ckpt = str(next(Path(tmp, "trained", "train").rglob("model.safetensors")))
         rounds = [one_round(common, ckpt, env) for _ in range(args.rounds)]
     med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    threads = args.threads or torch.get_num_threads()
-    cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {os.cpu_count()} cores, {threads} torch threads; torch {torch.__version__}")
+    print(f"{describe_device()}; {os.cpu_count()} cores")
     if importlib.util.find_spec("scipy") is not None:  # torchmetrics then imports scipy.signal: ~1 s more
         print("scipy is installed (optuna, of the `sweeps` extra, brings it; `pip install -e .[dev]` does not)")
     print(f"{len(rounds)} round(s); medians. defend.py's undefended score: ", end="")

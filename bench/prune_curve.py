@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from backdoor_lab.defenses.pruner import FinePruner
 from backdoor_lab.defenses.pruning import run_batches
+from backdoor_lab.machine import describe_device
 from backdoor_lab.models.deepid import DeepID
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 from backdoor_lab.models.traffic_cnn import TrafficSignCNN
@@ -123,8 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (these figures are CPU ones)"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
+    print(describe_device())  # the figures are CPU ones: nothing here moves to a GPU
     print(
         "| network | channels | one plain pass | rank pass | curve after it | rank + curve: ratio (range of runs) "
         "| arithmetic, rank + curve | exact tail runs | old way (~64 points) | old, per channel |"

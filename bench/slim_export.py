@@ -23,6 +23,7 @@ from torch import nn
 
 from backdoor_lab.defenses.pruning import mask_random_channels
 from backdoor_lab.defenses.slim import cpu_latency_ms, export_slim, load_slim, slim_model
+from backdoor_lab.machine import describe_device
 from backdoor_lab.models.deepid import DeepID
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 from backdoor_lab.models.traffic_cnn import TrafficSignCNN
@@ -58,8 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (these figures are CPU ones)"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
+    print(describe_device())  # the figures are CPU ones: nothing here moves to a GPU
     latency_cols = " | ".join(f"batch {b}: dense / slim ms (speed-up)" for b in args.batches)
     print(
         f"| network (layer) | pruned | params dense / slim | file dense / slim | MACs per sample dense / slim "

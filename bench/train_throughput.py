@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from backdoor_lab import CONF_DIR  # noqa: E402
 from backdoor_lab.build import build_datamodule, build_model, build_trainer  # noqa: E402
-from backdoor_lab.machine import cpu_bf16_instructions, cpu_name  # noqa: E402
+from backdoor_lab.machine import describe_device  # noqa: E402
 
 TASKS = ["signs_badnets", "speech_noise", "face_sunglasses"]
 
@@ -139,10 +139,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     trainer_extra = ["trainer=gpu"] if args.accelerator == "gpu" else []
-    cpu = cpu_name()
-    bf16 = cpu_bf16_instructions() or "none (speed=fast keeps fp32 on this CPU)"
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
-    print(f"device: {device.type} ({name}); CPU bf16 instructions: {bf16}; torch {torch.__version__}")
+    print(describe_device(device))
     rows = []
     for task in args.only or TASKS:
         with tempfile.TemporaryDirectory() as tmp:

@@ -27,11 +27,12 @@ from backdoor_lab.build import Evaluations, evaluation_key
 from backdoor_lab.defenses import DefenderData, DefenseContext, FineTuneBudget
 from backdoor_lab.defenses.methods import fine_tune
 from backdoor_lab.defenses.network_split import split_network
-from backdoor_lab.machine import cpu_identity, cpu_name, fast_precision
+from backdoor_lab.machine import cpu_identity, cpu_name, describe_device, fast_precision
 from backdoor_lab.models.classifier import BackdoorClassifier
 from backdoor_lab.pipeline import build_datamodule, build_model, defend, train
 from backdoor_lab.runs import train_key, training_config
 
+from .conftest import ROOT
 from .test_pipeline import TINY_SIGNS, compose_run
 from .trainers import quiet_trainer
 
@@ -123,6 +124,25 @@ def test_the_benches_name_the_cpu_by_its_model_else_what_platform_knows(monkeypa
     monkeypatch.setattr("platform.processor", lambda: "")
     monkeypatch.setattr("platform.machine", lambda: "arm64")
     assert cpu_name() == "arm64"
+
+
+def test_every_timing_bench_prints_the_device_its_figures_were_taken_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """So that a figure can be re-taken on a GPU and told apart: the CPU's model, threads and bf16 units."""
+    monkeypatch.setattr("backdoor_lab.machine.cpu_fields", lambda: {"model name": "Some Xeon", "flags": "avx2"})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        line = describe_device("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert line.startswith("device: cpu (Some Xeon, 3 threads; bf16 instructions: none")
+    monkeypatch.setattr("backdoor_lab.machine.cpu_fields", lambda: {"model name": "X", "flags": "avx2 amx_bf16"})
+    assert "bf16 instructions: amx_bf16)" in describe_device()
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda device=None: "NVIDIA H100")
+    assert describe_device("cuda").startswith("device: cuda (NVIDIA H100)")
+    untimed = {"export_records.py", "precision_compare.py", "first_fit.py"}  # records read, a job_cost callback
+    for script in sorted({p.name for p in (ROOT / "bench").glob("*.py")} - untimed):
+        assert "describe_device(" in (ROOT / "bench" / script).read_text(), script
 
 
 class CountValidation(Callback):

@@ -61,3 +61,15 @@ def fast_precision(accelerator: str) -> str:
     or on a CPU with bf16 instructions, fp32 on any other CPU (where bf16 is emulated, and slower)."""
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     return "32-true" if on_cpu and not cpu_bf16_instructions() else "bf16-mixed"
+
+
+def describe_device(device: torch.device | str = "cpu") -> str:
+    """One line naming what a figure was measured on, so that a bench's output can be re-taken elsewhere and
+    compared: the GPU's name, or the CPU's model, torch's threads and the CPU's bf16 instructions."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        bf16 = cpu_bf16_instructions() or "none (speed=fast keeps fp32)"
+        name = f"{cpu_name()}, {torch.get_num_threads()} threads; bf16 instructions: {bf16}"
+    return f"device: {device.type} ({name}); torch {torch.__version__}"
