@@ -378,6 +378,42 @@ def test_a_recorded_test_pass_is_taken_only_whole_and_under_this_jobs_key() -> N
     assert tests.passes == 0
 
 
+STEP_FAULTS = """
+import ctypes, resource, torch
+from backdoor_lab import cli
+def step():  # what a speech training step allocates and frees: 15 MB activations and gradients, smaller maps
+    blocks = [torch.ones(64, 24, 40, 63), torch.ones(64, 64, 20, 31), torch.ones(64, 24, 20, 31)]
+    blocks += [torch.ones_like(b) for b in blocks]
+    del blocks
+def faults_per_step():
+    step()
+    step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+ctypes.CDLL(None).mallopt(cli.M_MMAP_THRESHOLD, 128 << 10)  # glibc's starting threshold, held (see the test)
+print(faults_per_step())
+print(cli.keep_freed_memory.__name__ in cli.start_script.__code__.co_names and cli.keep_freed_memory())
+print(faults_per_step())
+"""
+
+
+def test_a_script_keeps_freed_memory_for_the_next_step_instead_of_faulting_it_in_again() -> None:
+    """glibc returns freed blocks of a step to the kernel and the next step faults the pages back in (zero-filled):
+    up to 14,000 faults and 15-25 ms of system time in a 200 ms speech step. A script's process keeps them
+    (``cli.keep_freed_memory``). glibc's threshold adapts to the sizes freed, so how many faults a default process
+    takes varies from run to run (0 to 13,660 a step over six runs here); the process starts from glibc's
+    starting threshold, held, so that the comparison is the same every run."""
+    if sys.platform != "linux":
+        pytest.skip("glibc's malloc: other platforms keep their allocator")
+    done = subprocess.run([sys.executable, "-c", STEP_FAULTS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    default, applied, kept = done.stdout.split()
+    assert float(default) > 10_000  # every block above 128 KiB mapped afresh: 40 MB of pages a step
+    assert applied == "True" and float(kept) < float(default) / 20  # 0-310 over runs here: the heap's pages kept
+
+
 SCRIPT_START = """
 import atexit, gc, sys
 walked = []

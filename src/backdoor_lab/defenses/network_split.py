@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
+from backdoor_lab.models.pooling import MaxPool2d
+
 # Layers whose output channel c depends only on input channel c and maps an all-zero channel to zero: a mask
 # applied after them equals a mask applied before them.
 CHANNELWISE_MODULES = (
@@ -42,6 +44,14 @@ CHANNELWISE_FUNCTIONS = (
     F.dropout,
 )
 CHANNELWISE_METHODS = ("relu", "contiguous")
+
+
+class _LayerTracer(fx.Tracer):
+    """``fx.symbolic_trace``'s tracer, keeping this library's ``MaxPool2d`` whole as it keeps ``torch.nn``'s layers:
+    the tail re-runs it through its fast CPU path, and the cut sees a max-pool module."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, MaxPool2d) or super().is_leaf_module(module, qualified_name)
 
 
 class CannotCutError(RuntimeError):
@@ -166,7 +176,7 @@ def split_network(
     ``ValueError`` when the traced forward never calls ``layer``.
     """
     try:
-        traced = fx.symbolic_trace(model)
+        traced = fx.GraphModule(model, _LayerTracer().trace(model), type(model).__name__)
     except Exception as err:  # noqa: BLE001 - any tracing failure means the same thing: no cut, full re-evaluation
         raise CannotCutError(
             f"torch.fx cannot trace {type(model).__name__}.forward ({type(err).__name__}: {err})"

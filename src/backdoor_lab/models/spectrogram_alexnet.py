@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from backdoor_lab.models.pooling import MaxPool2d
+
 ORIGINAL_CHANNELS = (96, 256, 384, 384, 256)
 ORIGINAL_HIDDEN = (256, 128)
 
@@ -72,11 +74,11 @@ class SpectrogramAlexNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=5, stride=conv1_stride, padding=2)
         self.norm1 = nn.BatchNorm2d(c1) if batch_norm else nn.Identity()
         self.relu1 = nn.ReLU(inplace=True)
-        self.pool1 = nn.MaxPool2d(2)
+        self.pool1 = MaxPool2d(2)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
         self.norm2 = nn.BatchNorm2d(c2) if batch_norm else nn.Identity()
         self.relu2 = nn.ReLU(inplace=True)
-        self.pool2 = nn.MaxPool2d(2)
+        self.pool2 = MaxPool2d(2)
         self.conv3 = nn.Conv2d(c2, c3, kernel_size=3, padding=1)
         self.norm3 = nn.BatchNorm2d(c3) if batch_norm else nn.Identity()
         self.relu3 = nn.ReLU(inplace=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from backdoor_lab.models.pooling import MaxPool2d
+
 
 class TrafficSignCNN(nn.Module):
     def __init__(
@@ -27,7 +29,7 @@ class TrafficSignCNN(nn.Module):
         self.conv4 = nn.Conv2d(c3, c4, 3, padding=1)
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=1)
         self.relu = nn.ReLU(inplace=False)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2d(2)
         self.pool5 = nn.AdaptiveMaxPool2d(2)
         self.classifier = nn.Sequential(
             nn.Flatten(),
