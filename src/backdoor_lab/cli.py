@@ -14,8 +14,9 @@ has run, so the interpreter's teardown frees objects by reference count without 
 A training step allocates and frees tens of MB of activations and gradients. glibc's malloc hands blocks above its
 (adaptive) mmap threshold back to the kernel when they are freed and trims the heap's free top, so the next step
 gets fresh pages that the kernel zero-fills on first touch: about 12,000 page faults and 15-25 ms of system time per
-fp32 speech step at one thread (docs/benchmarks.md). A script therefore asks malloc to keep freed memory for the
-next step (``keep_freed_memory``); a callback in your own project leaves your allocator alone.
+fp32 speech step at one thread (docs/benchmarks.md). A script and each of its jobs (which a launcher may run in a
+process of its own) therefore ask malloc to keep freed memory for the next step (``keep_freed_memory``); a callback
+in your own project leaves your allocator alone.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def start_script() -> ModuleType:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train_job(cfg: DictConfig) -> float:
     """Train a (backdoored) model, then apply each defense of ``defenses`` to it."""
+    keep_freed_memory()  # here too: a launcher (joblib, submitit) runs the job in a process of its own
     from backdoor_lab.pipeline import train
 
     return train(cfg)["objective"]
@@ -81,6 +83,7 @@ def train_job(cfg: DictConfig) -> float:
 @hydra.main(version_base="1.3", config_path="conf", config_name="defend")
 def defend_job(cfg: DictConfig) -> float:
     """Defend a checkpoint (``ckpt_path``, or the newest training run whose training config matches)."""
+    keep_freed_memory()
     from backdoor_lab.pipeline import defend
 
     return defend(cfg)["objective"]
