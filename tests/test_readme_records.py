@@ -220,11 +220,13 @@ def test_the_speed_exact_paper_seed_figures_are_its_records() -> None:
     for folder, quoted in (
         ("paper_sweep_exact_seed0", "took {} min {} s. All {} of its cells are bit-identical"),
         ("paper_sweep_exact_seed0_2026-12-05", "the same command took {} min {} s, with all {} cells bit-identical"),
+        ("paper_sweep_exact_seed0_2026-12-06", "gave all {2} cells bit-identical again ({3}), in {0} min {1} s"),
     ):
         exact = ROOT / "docs/results" / folder
         same, total = compare.compare_identical(ROOT / "docs/results/defenses_sweep", exact)
         span = round(compare.sweep_span(exact))
-        assert quoted.format(span // 60, span % 60, same) in text, folder
+        cited = f"(`docs/results/{folder}/`)"
+        assert quoted.format(span // 60, span % 60, same, cited.strip("()")) in text, folder
         assert same == total == 24  # 3 tasks x 2 attacks x 4 defenses, seed 0
         jobs = [json.loads(p.read_text()) for p in exact.glob("*/job.json")]
         assert len(jobs) == 6 and all(j["overrides"][3:6] == ["reuse=False", "speed=exact", "threads=1"] for j in jobs)
@@ -331,3 +333,24 @@ def test_the_faster_machines_defense_job_ratios_are_their_record() -> None:
     assert f"{own[1]} with it, {own[2]} after it, on an Intel Xeon with AMX" in " ".join(README.split())
     row = f"| 69970ac | {own[1]} | {own[2]} | {imported[1]} (the scripts') | {unit[1]} |"
     assert row in (ROOT / "docs/benchmarks.md").read_text()
+
+
+def test_the_fp32_step_ratios_quoted_are_the_fp32_step_record() -> None:
+    """ "a training step 1.21x as fast on signs and 1.08x on speech, an ANP iteration 1.22x and 1.07x, an evaluation
+    pass 1.19x and 1.21x": bench/fp32_step.py's "both" rows, against its baseline rows, in the committed output."""
+    record = (ROOT / "docs/results/fp32_step_2026-12-06/fp32_step_c0d5781.txt").read_text()
+    rows = {}
+    for line in record.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[1] == "both (train.py now)":
+            rows[cells[0]] = {"train": cells[3], "eval": cells[6], "anp": cells[8]}
+    assert "bit for bit" in record.splitlines()[-1] and record.startswith("device: cpu (")
+    signs, speech = rows["signs_badnets"], rows["speech_noise"]
+    text = " ".join(README.split())
+    assert (
+        f"a training step {signs['train']} as fast on signs and {speech['train']} on speech, an ANP iteration "
+        f"{signs['anp']} and {speech['anp']}, an evaluation pass {signs['eval']} and {speech['eval']}, with the same "
+        "weights bit for bit"
+    ) in text
+    benchmarks = (ROOT / "docs/benchmarks.md").read_text()
+    assert all(line in benchmarks for line in record.splitlines() if line.startswith("| "))  # the table, as printed
