@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from backdoor_lab.cli import keep_freed_memory  # noqa: E402
 from backdoor_lab.machine import describe_device  # noqa: E402
+from backdoor_lab.models.pooling import with_torch_pools  # noqa: E402
 
 TASKS = ["signs_badnets", "speech_noise"]
 VARIANTS = {  # name: (library pool, kept heap)
@@ -50,18 +51,6 @@ VARIANTS = {  # name: (library pool, kept heap)
     "both (train.py now)": (True, True),
 }
 MEASURES = ("train step", "eval pass", "ANP iteration")
-
-
-def with_torch_pools(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every library ``MaxPool2d`` swapped for ``nn.MaxPool2d`` of the same window, in place."""
-    from backdoor_lab.models.pooling import MaxPool2d
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MaxPool2d):
-                window = (child.kernel_size, child.stride, child.padding, child.dilation)
-                setattr(parent, name, torch.nn.MaxPool2d(*window))
-    return model
 
 
 def usage() -> tuple[int, float]:

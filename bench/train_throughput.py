@@ -3,7 +3,8 @@
 For each built-in task, at its real size (model, poisoned training set, batch size and optimizer of its config):
 
 * ``plain fp32 loop``: what a user would write by hand: ``DataLoader(TensorDataset, shuffle=True)``, the model's
-  own network, the config's optimizer, ``loss.backward(); opt.step()``; nothing else (no validation, no logging).
+  own network with PyTorch's ``nn.MaxPool2d`` (``with_torch_pools``: what a hand-written network has), the config's
+  optimizer, ``loss.backward(); opt.step()``; nothing else (no validation, no logging).
   This is the baseline (1.00x).
 * ``framework fp32``: ``train.py``'s own Trainer (``build_trainer``: callbacks, checkpointing, a validation pass
   every epoch) fitting the task's ``BackdoorClassifier``, as the default run does.
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from backdoor_lab import CONF_DIR  # noqa: E402
 from backdoor_lab.build import build_datamodule, build_model, build_trainer  # noqa: E402
 from backdoor_lab.machine import describe_device  # noqa: E402
+from backdoor_lab.models.pooling import with_torch_pools  # noqa: E402
 
 TASKS = ["signs_badnets", "speech_noise", "face_sunglasses"]
 
@@ -70,7 +72,7 @@ def plain_loop(
     """
     torch.manual_seed(cfg.seed)
     dm = build_datamodule(cfg, fit_on="poisoned")
-    net = build_model(cfg, dm.num_classes).net.to(device)
+    net = with_torch_pools(build_model(cfg, dm.num_classes).net).to(device)  # the pools a hand-written net has
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if compiled:

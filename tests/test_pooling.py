@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backdoor_lab.defenses.network_split import split_network
-from backdoor_lab.models.pooling import MaxPool2d
+from backdoor_lab.models.pooling import MaxPool2d, with_torch_pools
 from backdoor_lab.models.spectrogram_alexnet import SpectrogramAlexNet
 from backdoor_lab.models.traffic_cnn import TrafficSignCNN
 
@@ -115,16 +115,6 @@ def test_inputs_the_fast_path_does_not_take_go_through_nn_maxpool2d(case: str) -
     assert seen.formats == (["cl"] if case == "channels-last input" else ["nchw"])  # nn.MaxPool2d's own call
 
 
-def with_torch_pools(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` with every library ``MaxPool2d`` replaced by ``nn.MaxPool2d`` of the same window."""
-    net = copy.deepcopy(net)
-    for parent in list(net.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MaxPool2d):
-                setattr(parent, name, nn.MaxPool2d(child.kernel_size, child.stride, child.padding, child.dilation))
-    return net
-
-
 @pytest.mark.parametrize(
     ("net", "shape"),
     [
@@ -135,7 +125,7 @@ def with_torch_pools(net: nn.Module) -> nn.Module:
 )
 def test_a_network_trains_to_the_same_weights_through_either_pool(net: nn.Module, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    ours, theirs = net, with_torch_pools(net)
+    ours, theirs = net, with_torch_pools(copy.deepcopy(net))
     initial = copy.deepcopy(net.state_dict())
     assert any(isinstance(m, MaxPool2d) for m in ours.modules())
     assert not any(isinstance(m, MaxPool2d) for m in theirs.modules())

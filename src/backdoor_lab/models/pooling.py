@@ -70,3 +70,14 @@ def _takes_the_channels_last_kernel(x: Tensor) -> bool:
         and x.dim() == 4
         and x.is_contiguous()
     )
+
+
+def with_torch_pools(model: nn.Module) -> nn.Module:
+    """``model`` with every library ``MaxPool2d`` replaced, in place, by ``nn.MaxPool2d`` of the same window: the
+    network as plain PyTorch runs it, for benchmarks that compare against a hand-written loop."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MaxPool2d):
+                window = (child.kernel_size, child.stride, child.padding, child.dilation)
+                setattr(parent, name, nn.MaxPool2d(*window, ceil_mode=child.ceil_mode))
+    return model
