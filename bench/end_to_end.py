@@ -43,9 +43,9 @@ def main() -> None:
         t_defend = run("defend.py", args, env)
     trained = json.loads(next(Path(outputs, "train").glob("*/*/metrics.json")).read_text())
     defended = json.loads(next(Path(outputs, "defend").glob("*/*/defense/fine_pruning/metrics.json")).read_text())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{describe_device(device)}; {os.cpu_count()} cores")
-    cpu, device = cpu_name(), torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    print(f"{describe_device('cuda' if gpu else 'cpu')}; {os.cpu_count()} cores")
+    cpu, device = cpu_name(), gpu or "no GPU"
     row = (
         f"| {date.today()} | {experiment} {' '.join(extra)} | {os.cpu_count()} cores {cpu}, {device} | "
         f"{t_train:.0f} s | "

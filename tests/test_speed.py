@@ -394,7 +394,7 @@ def faults_per_step():
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
 ctypes.CDLL(None).mallopt(cli.M_MMAP_THRESHOLD, 128 << 10)  # glibc's starting threshold, held (see the test)
 print(faults_per_step())
-jobs = (cli.start_script, cli.train_job.__wrapped__, cli.defend_job.__wrapped__)  # a launcher's process too
+jobs = (cli.train_job.__wrapped__, cli.defend_job.__wrapped__)  # in the job's process, a launcher's too
 print(all(cli.keep_freed_memory.__name__ in f.__code__.co_names for f in jobs) and cli.keep_freed_memory())
 print(faults_per_step())
 """
@@ -402,7 +402,7 @@ print(faults_per_step())
 
 def test_a_script_keeps_freed_memory_for_the_next_step_instead_of_faulting_it_in_again() -> None:
     """glibc returns freed blocks of a step to the kernel and the next step faults the pages back in (zero-filled):
-    up to 14,000 faults and 15-25 ms of system time in a 200 ms speech step. A script's process keeps them
+    up to 14,000 faults and 15-25 ms of system time in a 200 ms speech step. Each job keeps them
     (``cli.keep_freed_memory``). glibc's threshold adapts to the sizes freed, so how many faults a default process
     takes varies from run to run (0 to 13,660 a step over six runs here); the process starts from glibc's
     starting threshold, held, so that the comparison is the same every run."""

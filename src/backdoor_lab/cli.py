@@ -14,9 +14,9 @@ has run, so the interpreter's teardown frees objects by reference count without 
 A training step allocates and frees tens of MB of activations and gradients. glibc's malloc hands blocks above its
 (adaptive) mmap threshold back to the kernel when they are freed and trims the heap's free top, so the next step
 gets fresh pages that the kernel zero-fills on first touch: about 12,000 page faults and 15-25 ms of system time per
-fp32 speech step at one thread (docs/benchmarks.md). A script and each of its jobs (which a launcher may run in a
-process of its own) therefore ask malloc to keep freed memory for the next step (``keep_freed_memory``); a callback
-in your own project leaves your allocator alone.
+fp32 speech step at one thread (docs/benchmarks.md). Each job therefore asks malloc to keep freed memory for the
+next step (``keep_freed_memory``), in whichever process runs it (a launcher may start its own); a callback in your
+own project leaves your allocator alone.
 """
 
 from __future__ import annotations
@@ -64,9 +64,7 @@ def keep_freed_memory() -> bool:
 
 
 def start_script() -> ModuleType:
-    """What a script does before Hydra: malloc keeps freed memory, the import above, and the heap frozen after the
-    last atexit handler."""
-    keep_freed_memory()
+    """What a script does before Hydra: the import above, and the heap frozen after the last atexit handler."""
     atexit.register(gc.freeze)  # registered before any job's handlers, so it runs after them (atexit is LIFO)
     return import_pipeline()
 
@@ -74,7 +72,7 @@ def start_script() -> ModuleType:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train_job(cfg: DictConfig) -> float:
     """Train a (backdoored) model, then apply each defense of ``defenses`` to it."""
-    keep_freed_memory()  # here too: a launcher (joblib, submitit) runs the job in a process of its own
+    keep_freed_memory()  # in the job: a launcher (joblib, submitit) may run it in a process of its own
     from backdoor_lab.pipeline import train
 
     return train(cfg)["objective"]

@@ -12,7 +12,7 @@ checks. Tensors already channels-last (``speed=fast``), GPU tensors, ``torch.fx`
 from __future__ import annotations
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
@@ -61,8 +61,7 @@ class MaxPool2d(nn.MaxPool2d):
 def _takes_the_channels_last_kernel(x: Tensor) -> bool:
     """A batched NCHW float tensor on the CPU, outside tracing and compilation."""
     return (
-        isinstance(x, Tensor)
-        and not isinstance(x, fx.Proxy)
+        isinstance(x, Tensor)  # not a torch.fx Proxy
         and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.layout == torch.strided
