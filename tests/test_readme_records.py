@@ -354,3 +354,46 @@ def test_the_fp32_step_ratios_quoted_are_the_fp32_step_record() -> None:
     ) in text
     benchmarks = (ROOT / "docs/benchmarks.md").read_text()
     assert all(line in benchmarks for line in record.splitlines() if line.startswith("| "))  # the table, as printed
+
+
+def test_the_machine_limit_figures_are_its_record() -> None:
+    """docs/benchmarks.md's one-thread table is bench/machine_limit.py's printed rows, and the two-thread sentence
+    and the limits are read off the two-thread and one-thread outputs."""
+    folder = ROOT / "docs/results/machine_limit_2026-12-06"
+    benchmarks = (ROOT / "docs/benchmarks.md").read_text()
+    text = " ".join(benchmarks.split())
+
+    def parsed(threads: int) -> tuple[list[str], dict[tuple[str, bool], list[str]], dict[str, int]]:
+        record = (folder / f"threads_{threads}.txt").read_text()
+        assert f"device: cpu (Intel(R) Xeon(R) Processor, {threads} threads; bf16 instructions: amx_bf16)" in record
+        lines = [line for line in record.splitlines() if line.startswith("| ")]
+        cells = {}
+        for line in lines[1:]:
+            row = [c.strip() for c in line.strip("|").split("|")]
+            cells[(row[0], row[1].startswith("speed=fast"))] = row
+        limits = {
+            kind: max(int(n) for n in re.findall(r" (\d+)(?:,|$)", rest))
+            for kind, rest in re.findall(r"^  (\w+, [\w-]+): (.*)$", record, re.M)
+        }
+        return lines, cells, limits
+
+    rows, _, one = parsed(1)
+    assert all(row in benchmarks for row in rows)
+    assert (
+        f"The limit at one thread: fp32 NCHW {one['fp32, NCHW']} GFLOP/s, fp32 channels-last "
+        f"{one['fp32, channels-last']}, bf16 channels-last {one['bf16, channels-last']} (AMX)."
+    ) in text
+    _, two, limits = parsed(2)
+    tasks = ("signs_badnets", "speech_noise", "face_sunglasses")
+
+    def share(fast: bool, column: int) -> list[str]:
+        return [re.findall(r"(\d+%)", two[(task, fast)][column])[0] for task in tasks]
+
+    step, conv = share(False, 5), share(False, 6)
+    fast_step, fast_conv = share(True, 5), share(True, 6)
+    assert (
+        f"fp32 steps at {step[0]} (signs), {step[1]} (speech) and {step[2]} (faces) of the limit, convolutions at "
+        f"{conv[0]}, {conv[1]} and {conv[2]}; `speed=fast` steps at {fast_step[0]}, {fast_step[1]} and "
+        f"{fast_step[2]}, its convolutions at {fast_conv[0]}, {fast_conv[1]} and {fast_conv[2]} of AMX's "
+        f"{limits['bf16, channels-last']} GFLOP/s"
+    ) in text
