@@ -397,3 +397,27 @@ def test_the_machine_limit_figures_are_its_record() -> None:
         f"{fast_step[2]}, its convolutions at {fast_conv[0]}, {fast_conv[1]} and {fast_conv[2]} of AMX's "
         f"{limits['bf16, channels-last']} GFLOP/s"
     ) in text
+
+
+def test_the_readme_s_convolution_rates_are_the_machine_limit_record() -> None:
+    """ "86% and 76% ... (100% for speech at two threads) ... 22% and 39% of AMX's rate": the convolutions column
+    of bench/machine_limit.py's outputs."""
+    folder = ROOT / "docs/results/machine_limit_2026-12-06"
+
+    def conv_share(threads: int, task: str, fast: bool) -> str:
+        for line in (folder / f"threads_{threads}.txt").read_text().splitlines():
+            row = [c.strip() for c in line.strip("|").split("|")]
+            if len(row) == 8 and row[0] == task and row[1].startswith("speed=fast") == fast:
+                return re.findall(r"\((\d+%)\)", row[6])[0]
+        raise AssertionError(f"no {task} row in threads_{threads}.txt")
+
+    text = " ".join(README.split())
+    assert (
+        f"the signs and speech convolutions run at {conv_share(1, 'signs_badnets', False)} and "
+        f"{conv_share(1, 'speech_noise', False)} of the best rate this CPU reaches on large matrix and convolution "
+        f"work ({conv_share(2, 'speech_noise', False)} for speech at two threads)"
+    ) in text
+    assert (
+        f"Under bf16 they reach {conv_share(1, 'signs_badnets', True)} and {conv_share(1, 'speech_noise', True)} "
+        "of AMX's rate"
+    ) in text
