@@ -61,15 +61,18 @@ def test_speech_backdoored_model_reaches_the_targets(speech: tuple[dict, dict]) 
 
 
 def test_speech_fine_pruning_removes_most_of_the_backdoor(speech: tuple[dict, dict]) -> None:
-    """What the README measures for speech: ASR from ~92% to 10.8 +- 9.7% (three seeds; this seed: 22.0%)."""
+    """What the README measures for speech, at either thread count: ASR from ~92% to at most 22% (paper sweep, two
+    threads: 22.0, 5.8, 4.5% by seed; defenses sweep, one thread: 4.7, 3.5, 6.0%), for 1.0-5.2 points of clean
+    accuracy (seed 0 at one thread, as ``pytest -m slow`` runs it on two cores: 98.5 -> 93.3%)."""
     _, defended = speech
     assert defended["layer"] == "net.conv5"
     assert defended["before"]["asr"] >= 0.90 and defended["after"]["asr"] <= 0.25
-    assert defended["after"]["clean_acc"] >= defended["before"]["clean_acc"] - 0.02
+    assert defended["after"]["clean_acc"] >= defended["before"]["clean_acc"] - 0.06
 
 
 @pytest.mark.xfail(
-    reason="seed 0 measures 22.0% ASR after fine-pruning (seeds 1 and 2: 5.8%, 4.5%; README: 10.8 +- 9.7%)",
+    reason="the paper's claim (ASR <= 10%, <= 2 clean points) holds for 1 of 6 measured speech runs: seed 0 ends at "
+    "22.0% ASR with two threads, and at 4.7% ASR but 5.2 clean points lost with one (README: 10.8 +- 9.7%)",
     strict=False,
 )
 def test_speech_fine_pruning_claim(speech: tuple[dict, dict]) -> None:
