@@ -145,6 +145,19 @@ def test_every_timing_bench_prints_the_device_its_figures_were_taken_on(monkeypa
         assert "describe_device(" in (ROOT / "bench" / script).read_text(), script
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: bench/gpu_checks.sh would run")
+def test_the_gpu_checks_script_refuses_a_machine_without_cuda_and_writes_nothing(tmp_path: Path) -> None:
+    """bench/gpu_checks.sh (issue 18's GPU checks in one device run) says why it stops where no GPU is, before any
+    step: a CPU machine's figures must not land in the folder meant for the GPU's."""
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(ROOT / "bench/gpu_checks.sh"), str(out)], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "no CUDA device here (torch.cuda.is_available() is False)" in done.stderr
+    assert not out.exists()
+    usage = subprocess.run(["bash", str(ROOT / "bench/gpu_checks.sh")], capture_output=True, text=True)
+    assert usage.returncode != 0 and "usage: bash bench/gpu_checks.sh OUT_FOLDER" in usage.stderr
+
+
 class CountValidation(Callback):
     def __init__(self) -> None:
         self.at_epochs: list[int] = []
