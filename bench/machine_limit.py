@@ -26,6 +26,7 @@ split is left out.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -168,7 +169,7 @@ def main() -> None:
             conv_rate = row["conv_gflop"] / row["conv_ms"] * 1e3
             label = "speed=fast" if fast else "fp32 (default)"
             split = "n/a (CPU only) | n/a"
-            if row["conv_ms"] == row["conv_ms"]:  # not NaN: profiled on the CPU
+            if not math.isnan(row["conv_ms"]):  # profiled (on the CPU)
                 split = (
                     f"{row['conv_ms']:.1f} ms, {conv_rate:.0f} ({conv_rate / limit:.0%}) "
                     f"| {row['rest_ms']:.1f} ms ({row['rest_ms'] / row['step_ms']:.0%})"

@@ -358,38 +358,47 @@ def test_the_fp32_step_ratios_quoted_are_the_fp32_step_record() -> None:
     assert all(line in benchmarks for line in record.splitlines() if line.startswith("| "))  # the table, as printed
 
 
+MACHINE_LIMIT = ROOT / "docs/results/machine_limit_2026-12-06"
+
+
+def machine_limit_record(threads: int) -> tuple[list[str], dict[tuple[str, bool], list[str]], dict[str, int]]:
+    """bench/machine_limit.py's output at ``threads``: its table's lines, each row's cells by (task, speed=fast),
+    and the limit (the better of the two references, GFLOP/s) by arithmetic."""
+    record = (MACHINE_LIMIT / f"threads_{threads}.txt").read_text()
+    assert f"device: cpu (Intel(R) Xeon(R) Processor, {threads} threads; bf16 instructions: amx_bf16)" in record
+    lines = [line for line in record.splitlines() if line.startswith("| ")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[(cells[0], cells[1].startswith("speed=fast"))] = cells
+    limits = {
+        kind: max(int(n) for n in re.findall(r" (\d+)(?:,|$)", rest))
+        for kind, rest in re.findall(r"^  (\w+, [\w-]+): (.*)$", record, re.M)
+    }
+    return lines, rows, limits
+
+
+def share_of_the_limit(cell: str) -> str:
+    """The first percentage in a machine_limit cell: "57%" -> "57%", "85.1 ms, 138 (88%)" -> "88%"."""
+    return re.findall(r"(\d+%)", cell)[0]
+
+
 def test_the_machine_limit_figures_are_its_record() -> None:
     """docs/benchmarks.md's one-thread table is bench/machine_limit.py's printed rows, and the two-thread sentence
     and the limits are read off the two-thread and one-thread outputs."""
-    folder = ROOT / "docs/results/machine_limit_2026-12-06"
     benchmarks = (ROOT / "docs/benchmarks.md").read_text()
     text = " ".join(benchmarks.split())
-
-    def parsed(threads: int) -> tuple[list[str], dict[tuple[str, bool], list[str]], dict[str, int]]:
-        record = (folder / f"threads_{threads}.txt").read_text()
-        assert f"device: cpu (Intel(R) Xeon(R) Processor, {threads} threads; bf16 instructions: amx_bf16)" in record
-        lines = [line for line in record.splitlines() if line.startswith("| ")]
-        cells = {}
-        for line in lines[1:]:
-            row = [c.strip() for c in line.strip("|").split("|")]
-            cells[(row[0], row[1].startswith("speed=fast"))] = row
-        limits = {
-            kind: max(int(n) for n in re.findall(r" (\d+)(?:,|$)", rest))
-            for kind, rest in re.findall(r"^  (\w+, [\w-]+): (.*)$", record, re.M)
-        }
-        return lines, cells, limits
-
-    rows, _, one = parsed(1)
-    assert all(row in benchmarks for row in rows)
+    lines, _, one = machine_limit_record(1)
+    assert all(line in benchmarks for line in lines)
     assert (
         f"The limit at one thread: fp32 NCHW {one['fp32, NCHW']} GFLOP/s, fp32 channels-last "
         f"{one['fp32, channels-last']}, bf16 channels-last {one['bf16, channels-last']} (AMX)."
     ) in text
-    _, two, limits = parsed(2)
+    _, two, limits = machine_limit_record(2)
     tasks = ("signs_badnets", "speech_noise", "face_sunglasses")
 
     def share(fast: bool, column: int) -> list[str]:
-        return [re.findall(r"(\d+%)", two[(task, fast)][column])[0] for task in tasks]
+        return [share_of_the_limit(two[(task, fast)][column]) for task in tasks]
 
     step, conv = share(False, 5), share(False, 6)
     fast_step, fast_conv = share(True, 5), share(True, 6)
@@ -404,22 +413,17 @@ def test_the_machine_limit_figures_are_its_record() -> None:
 def test_the_readme_s_convolution_rates_are_the_machine_limit_record() -> None:
     """ "86% and 76% ... (100% for speech at two threads) ... 22% and 39% of AMX's rate": the convolutions column
     of bench/machine_limit.py's outputs."""
-    folder = ROOT / "docs/results/machine_limit_2026-12-06"
+    one, two = machine_limit_record(1)[1], machine_limit_record(2)[1]
 
-    def conv_share(threads: int, task: str, fast: bool) -> str:
-        for line in (folder / f"threads_{threads}.txt").read_text().splitlines():
-            row = [c.strip() for c in line.strip("|").split("|")]
-            if len(row) == 8 and row[0] == task and row[1].startswith("speed=fast") == fast:
-                return re.findall(r"\((\d+%)\)", row[6])[0]
-        raise AssertionError(f"no {task} row in threads_{threads}.txt")
+    def conv(rows: dict[tuple[str, bool], list[str]], task: str, fast: bool) -> str:
+        return share_of_the_limit(rows[(task, fast)][6])
 
     text = " ".join(README.split())
     assert (
-        f"the signs and speech convolutions run at {conv_share(1, 'signs_badnets', False)} and "
-        f"{conv_share(1, 'speech_noise', False)} of the best rate this CPU reaches on large matrix and convolution "
-        f"work ({conv_share(2, 'speech_noise', False)} for speech at two threads)"
+        f"the signs and speech convolutions run at {conv(one, 'signs_badnets', False)} and "
+        f"{conv(one, 'speech_noise', False)} of the best rate this CPU reaches on large matrix and convolution "
+        f"work ({conv(two, 'speech_noise', False)} for speech at two threads)"
     ) in text
     assert (
-        f"Under bf16 they reach {conv_share(1, 'signs_badnets', True)} and {conv_share(1, 'speech_noise', True)} "
-        "of AMX's rate"
+        f"Under bf16 they reach {conv(one, 'signs_badnets', True)} and {conv(one, 'speech_noise', True)} of AMX's rate"
     ) in text
